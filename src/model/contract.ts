@@ -1,0 +1,194 @@
+/**
+ * @module model/contract — the graph contract: input/output names, shapes and the StepBatch/StepResult
+ * types that cross from the engine to the model worker. Types and constants only.
+ *
+ * One step runs B sequences ("rows"), each with T_b new tokens, padded to T = max T_b:
+ *   input_ids         int64 [B, T]   ids < vocab are tokens; id >= vocab addresses virtual_embeddings[id - vocab]
+ *   position_ids      int64 [B, T]   absolute positions (virtual tokens are ordinary positions)
+ *   virtual_embeddings float [N, D]  soft-prompt rows used by this step; N >= 1 (row 0 may be a zero pad row)
+ *   attention_mask    bool  [B, 1, T, P + T]  true = may attend; P = past length fed this step
+ *   past_key.{l}, past_value.{l} float [B, KVH, P, HS]  read-only; the graph never returns whole caches
+ *   logits_index      int64 [R]      flat row indices (b * T + t) that need logits
+ *   lora_slot / ia3_slot / bottleneck_slot  int64 [B]  per-row pool slot; slot 0 is the identity
+ * Pools stack every layer of every slot on axis 0, slot-major: row = slot * numLayers + layer, so one
+ * slot is one contiguous block and each layer gathers its rows with a single Gather (no per-layer slicing):
+ *   lora_a.{m} [S*L, in, r], lora_b.{m} [S*L, r, out]   (scale folded into B at load; r may be 0)
+ *   ia3.{m} [S*L, dim]            (output scale for q,k,v,o,gate,up; input scale for down)
+ *   bottleneck_down.{p} [S*L, D, rb], bottleneck_down_bias.{p} [S*L, rb],
+ *   bottleneck_up.{p} [S*L, rb, D], bottleneck_up_bias.{p} [S*L, D]   p in {attn, mlp}; rb may be 0
+ * Outputs:
+ *   logits            float [R, V]
+ *   new_key.{l}, new_value.{l} float [B, T, KVH * HS]  this step's (rotated) keys/values, appended by the runner
+ */
+
+export const PROJECTIONS = [
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+  "down_proj",
+] as const;
+export type Projection = (typeof PROJECTIONS)[number];
+
+/** IA3 scales the output of these projections (PEFT's attention-style targets)... */
+export const IA3_OUTPUT_SCALED: readonly Projection[] = [
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+];
+/** ...and the input of this one (PEFT's `feedforward_modules`). */
+export const IA3_INPUT_SCALED: readonly Projection[] = ["down_proj"];
+
+export const BOTTLENECK_PLACES = ["attn", "mlp"] as const;
+export type BottleneckPlace = (typeof BOTTLENECK_PLACES)[number];
+
+export const INPUT = {
+  inputIds: "input_ids",
+  positionIds: "position_ids",
+  virtualEmbeddings: "virtual_embeddings",
+  attentionMask: "attention_mask",
+  logitsIndex: "logits_index",
+  loraSlot: "lora_slot",
+  ia3Slot: "ia3_slot",
+  bottleneckSlot: "bottleneck_slot",
+  pastKey: (layer: number) => `past_key.${layer}`,
+  pastValue: (layer: number) => `past_value.${layer}`,
+  loraA: (m: Projection) => `lora_a.${m}`,
+  loraB: (m: Projection) => `lora_b.${m}`,
+  ia3: (m: Projection) => `ia3.${m}`,
+  bottleneckDown: (p: BottleneckPlace) => `bottleneck_down.${p}`,
+  bottleneckDownBias: (p: BottleneckPlace) => `bottleneck_down_bias.${p}`,
+  bottleneckUp: (p: BottleneckPlace) => `bottleneck_up.${p}`,
+  bottleneckUpBias: (p: BottleneckPlace) => `bottleneck_up_bias.${p}`,
+} as const;
+
+export const OUTPUT = {
+  logits: "logits",
+  newKey: (layer: number) => `new_key.${layer}`,
+  newValue: (layer: number) => `new_value.${layer}`,
+} as const;
+
+/** Which PEFT paths the built graph carries (a path not built costs nothing at run time). */
+export interface PeftLayout {
+  loraTargets: Projection[];
+  ia3Targets: Projection[];
+  bottleneck: boolean;
+}
+
+export const FULL_PEFT_LAYOUT: PeftLayout = {
+  loraTargets: [...PROJECTIONS],
+  ia3Targets: [...PROJECTIONS],
+  bottleneck: true,
+};
+
+/** Input and output widths of each projection for a given model shape. */
+export function projectionDims(
+  spec: {
+    hiddenSize: number;
+    numHeads: number;
+    numKvHeads: number;
+    headDim: number;
+    intermediateSize: number;
+  },
+  m: Projection,
+): { inDim: number; outDim: number } {
+  const d = spec.hiddenSize;
+  const q = spec.numHeads * spec.headDim;
+  const kv = spec.numKvHeads * spec.headDim;
+  const ff = spec.intermediateSize;
+  switch (m) {
+    case "q_proj":
+      return { inDim: d, outDim: q };
+    case "k_proj":
+    case "v_proj":
+      return { inDim: d, outDim: kv };
+    case "o_proj":
+      return { inDim: q, outDim: d };
+    case "gate_proj":
+    case "up_proj":
+      return { inDim: d, outDim: ff };
+    case "down_proj":
+      return { inDim: ff, outDim: d };
+  }
+}
+
+/** Width of an IA3 vector for a projection: its output, or its input for feed-forward targets. */
+export function ia3Dim(spec: Parameters<typeof projectionDims>[0], m: Projection): number {
+  const { inDim, outDim } = projectionDims(spec, m);
+  return IA3_INPUT_SCALED.includes(m) ? inDim : outDim;
+}
+
+/**
+ * One sequence's PEFT weights in HF layout, as parsed from files (before they enter a pool).
+ * Keys are `${layer}.${projection}` (LoRA, IA3) or `${layer}.${place}` (bottleneck).
+ */
+export interface LoraModuleWeights {
+  rank: number;
+  /** [rank, in] */
+  a: Float32Array;
+  /** [out, rank], with the LoRA scale (alpha/r or alpha/sqrt(r)) already folded in. */
+  b: Float32Array;
+}
+
+export interface BottleneckModuleWeights {
+  size: number;
+  /** [size, D] (HF Linear layout) */
+  down: Float32Array;
+  /** [size] */
+  downBias: Float32Array;
+  /** [D, size] */
+  up: Float32Array;
+  /** [D] */
+  upBias: Float32Array;
+}
+
+export interface SequenceAdapterWeights {
+  lora?: Map<string, LoraModuleWeights>;
+  ia3?: Map<string, Float32Array>;
+  bottleneck?: Map<string, BottleneckModuleWeights>;
+}
+
+export const moduleKey = (layer: number, name: string): string => `${layer}.${name}`;
+
+/** Per-row bookkeeping the runner needs to assemble past K/V and append this step's K/V. */
+export interface StepRow {
+  seqId: number;
+  /** Tokens already in this sequence's cache (its past length). */
+  pastLength: number;
+  /** Real (unpadded) new tokens of this row this step. */
+  numNewTokens: number;
+}
+
+/** Everything one forward step needs, as typed arrays laid out for the graph (built by engine/step-builder). */
+export interface StepBatch {
+  rows: StepRow[];
+  /** T: new tokens per row after padding. */
+  seqLen: number;
+  /** P: past length fed (max over rows). */
+  pastLength: number;
+  /** [B*T] */
+  inputIds: BigInt64Array;
+  /** [B*T] */
+  positionIds: BigInt64Array;
+  /** [B*T*(P+T)], 1 = may attend */
+  attentionMask: Uint8Array;
+  /** [R] flat indices b*T+t whose logits are returned, in this order */
+  logitsIndex: BigInt64Array;
+  /** [N*D], N >= 1 */
+  virtualEmbeddings: Float32Array;
+  /** [B] per kind; 0 = identity */
+  loraSlots: BigInt64Array;
+  ia3Slots: BigInt64Array;
+  bottleneckSlots: BigInt64Array;
+}
+
+export interface StepResult {
+  /** [R, vocab] in logitsIndex order */
+  logits: Float32Array;
+  numLogitRows: number;
+}

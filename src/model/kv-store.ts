@@ -1,0 +1,162 @@
+/**
+ * @module model/kv-store — per-sequence K/V buffers (owned by the model worker). Each step assembles the
+ * past of the scheduled rows into reusable scratch tensors at exactly the needed length, and appends the
+ * new rotated K/V the graph returns; whole caches never travel through onnxruntime outputs (ort-facts §1).
+ */
+
+interface SequenceKv {
+  length: number;
+  capacity: number;
+  /** per layer [KVH, capacity, HS] */
+  keys: Float32Array[];
+  values: Float32Array[];
+}
+
+export interface KvShape {
+  numLayers: number;
+  numKvHeads: number;
+  headDim: number;
+}
+
+const MIN_CAPACITY = 64;
+
+export class KvStore {
+  private readonly sequences = new Map<number, SequenceKv>();
+  private scratchKeys: Float32Array[] = [];
+  private scratchValues: Float32Array[] = [];
+
+  constructor(private readonly shape: KvShape) {}
+
+  get numSequences(): number {
+    return this.sequences.size;
+  }
+
+  lengthOf(seqId: number): number {
+    return this.sequences.get(seqId)?.length ?? 0;
+  }
+
+  /** Bytes held by all sequence buffers (capacity, not just length). */
+  get allocatedBytes(): number {
+    let bytes = 0;
+    for (const s of this.sequences.values()) bytes += s.keys.reduce((a, k) => a + k.byteLength * 2, 0);
+    return bytes;
+  }
+
+  free(seqId: number): void {
+    this.sequences.delete(seqId);
+  }
+
+  private ensure(seqId: number, needed: number): SequenceKv {
+    const { numLayers, numKvHeads, headDim } = this.shape;
+    let s = this.sequences.get(seqId);
+    if (!s) {
+      s = { length: 0, capacity: 0, keys: [], values: [] };
+      this.sequences.set(seqId, s);
+    }
+    if (needed <= s.capacity) return s;
+    const capacity = Math.max(MIN_CAPACITY, 2 ** Math.ceil(Math.log2(needed)));
+    const grow = (old: Float32Array | undefined) => {
+      const next = new Float32Array(numKvHeads * capacity * headDim);
+      if (old && s.length > 0) {
+        for (let h = 0; h < numKvHeads; h++) {
+          next.set(
+            old.subarray(h * s.capacity * headDim, (h * s.capacity + s.length) * headDim),
+            h * capacity * headDim,
+          );
+        }
+      }
+      return next;
+    };
+    for (let l = 0; l < numLayers; l++) {
+      s.keys[l] = grow(s.keys[l]);
+      s.values[l] = grow(s.values[l]);
+    }
+    s.capacity = capacity;
+    return s;
+  }
+
+  /** Write a prefix (prefix tuning) as the first `length` positions: per layer [KVH, length, HS]. */
+  seed(seqId: number, length: number, keys: Float32Array[], values: Float32Array[]): void {
+    const s = this.ensure(seqId, length);
+    const { numKvHeads, headDim } = this.shape;
+    for (let l = 0; l < this.shape.numLayers; l++) {
+      for (let h = 0; h < numKvHeads; h++) {
+        const src = h * length * headDim;
+        s.keys[l]!.set(keys[l]!.subarray(src, src + length * headDim), h * s.capacity * headDim);
+        s.values[l]!.set(values[l]!.subarray(src, src + length * headDim), h * s.capacity * headDim);
+      }
+    }
+    s.length = length;
+  }
+
+  /** Past K/V of `seqIds` as [B, KVH, P, HS] views over scratch buffers (valid until the next call). */
+  assemble(seqIds: readonly number[], pastLength: number): { keys: Float32Array[]; values: Float32Array[] } {
+    const { numLayers, numKvHeads, headDim } = this.shape;
+    const size = seqIds.length * numKvHeads * pastLength * headDim;
+    const keys: Float32Array[] = [];
+    const values: Float32Array[] = [];
+    for (let l = 0; l < numLayers; l++) {
+      if ((this.scratchKeys[l]?.length ?? -1) < size) {
+        this.scratchKeys[l] = new Float32Array(Math.ceil(size * 1.25));
+        this.scratchValues[l] = new Float32Array(Math.ceil(size * 1.25));
+      }
+      keys.push(this.scratchKeys[l]!.subarray(0, size));
+      values.push(this.scratchValues[l]!.subarray(0, size));
+    }
+    seqIds.forEach((seqId, b) => {
+      const s = this.sequences.get(seqId);
+      const len = Math.min(s?.length ?? 0, pastLength);
+      if (!s || len === 0) return;
+      for (let l = 0; l < numLayers; l++) {
+        for (let h = 0; h < numKvHeads; h++) {
+          const src = h * s.capacity * headDim;
+          const dst = (b * numKvHeads + h) * pastLength * headDim;
+          keys[l]!.set(s.keys[l]!.subarray(src, src + len * headDim), dst);
+          values[l]!.set(s.values[l]!.subarray(src, src + len * headDim), dst);
+        }
+      }
+    });
+    return { keys, values };
+  }
+
+  /**
+   * Append this step's K/V: `newKeys[l]` is [B, T, KVH*HS]; row b contributes its first `counts[b]` tokens
+   * at positions `starts[b]`... (the sequence's current length must equal starts[b]).
+   */
+  append(
+    seqIds: readonly number[],
+    counts: readonly number[],
+    seqLen: number,
+    newKeys: Float32Array[],
+    newValues: Float32Array[],
+  ): void {
+    const { numLayers, numKvHeads, headDim } = this.shape;
+    const kvDim = numKvHeads * headDim;
+    seqIds.forEach((seqId, b) => {
+      const count = counts[b]!;
+      if (count === 0) return;
+      const start = this.sequences.get(seqId)?.length ?? 0;
+      const s = this.ensure(seqId, start + count);
+      for (let l = 0; l < numLayers; l++) {
+        const nk = newKeys[l]!;
+        const nv = newValues[l]!;
+        for (let t = 0; t < count; t++) {
+          const srcRow = (b * seqLen + t) * kvDim;
+          for (let h = 0; h < numKvHeads; h++) {
+            const src = srcRow + h * headDim;
+            const dst = (h * s.capacity + start + t) * headDim;
+            s.keys[l]!.set(nk.subarray(src, src + headDim), dst);
+            s.values[l]!.set(nv.subarray(src, src + headDim), dst);
+          }
+        }
+      }
+      s.length = start + count;
+    });
+  }
+
+  /** Forget the last tokens of a sequence (used to re-run a step that failed). */
+  truncate(seqId: number, length: number): void {
+    const s = this.sequences.get(seqId);
+    if (s && length < s.length) s.length = length;
+  }
+}

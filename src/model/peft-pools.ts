@@ -1,0 +1,206 @@
+/**
+ * @module model/peft-pools — fixed-size pools of resident PEFT weights, fed to the graph every step.
+ * Slot 0 of every kind is the identity (LoRA zeros, IA3 ones, bottleneck zeros). Layout: see contract.ts
+ * (row = slot * numLayers + layer). A step where no row uses a kind is fed a zero-rank identity pool,
+ * so base-only batches pay only node overhead for the PEFT paths.
+ */
+import {
+  BOTTLENECK_PLACES,
+  type BottleneckPlace,
+  IA3_INPUT_SCALED,
+  INPUT,
+  ia3Dim,
+  moduleKey,
+  type PeftLayout,
+  type Projection,
+  projectionDims,
+  type SequenceAdapterWeights,
+} from "./contract.ts";
+import type { ModelSpec } from "./model-spec.ts";
+import type { FeedValue } from "./session.ts";
+
+export type PoolKind = "lora" | "ia3" | "bottleneck";
+
+export interface PoolCapacity {
+  /** Resident adapters per kind, excluding the identity slot 0. */
+  loraSlots: number;
+  maxLoraRank: number;
+  ia3Slots: number;
+  bottleneckSlots: number;
+  maxBottleneckSize: number;
+}
+
+const f32 = (data: Float32Array, dims: number[]): FeedValue => ({ type: "float32", data, dims });
+
+export class PeftPools {
+  private lora = new Map<Projection, { a: Float32Array; b: Float32Array }>();
+  private ia3 = new Map<Projection, Float32Array>();
+  private bottleneck = new Map<
+    BottleneckPlace,
+    { down: Float32Array; downBias: Float32Array; up: Float32Array; upBias: Float32Array }
+  >();
+  private readonly identity: Record<string, FeedValue> = {};
+
+  constructor(
+    private readonly spec: ModelSpec,
+    private readonly layout: PeftLayout,
+    readonly capacity: PoolCapacity,
+  ) {
+    const L = spec.numLayers;
+    const D = spec.hiddenSize;
+    for (const m of layout.loraTargets) {
+      const { inDim, outDim } = projectionDims(spec, m);
+      this.identity[INPUT.loraA(m)] = f32(new Float32Array(0), [L, inDim, 0]);
+      this.identity[INPUT.loraB(m)] = f32(new Float32Array(0), [L, 0, outDim]);
+    }
+    for (const m of layout.ia3Targets) {
+      const dim = ia3Dim(spec, m);
+      this.identity[INPUT.ia3(m)] = f32(new Float32Array(L * dim).fill(1), [L, dim]);
+    }
+    if (layout.bottleneck) {
+      for (const p of BOTTLENECK_PLACES) {
+        this.identity[INPUT.bottleneckDown(p)] = f32(new Float32Array(0), [L, D, 0]);
+        this.identity[INPUT.bottleneckDownBias(p)] = f32(new Float32Array(0), [L, 0]);
+        this.identity[INPUT.bottleneckUp(p)] = f32(new Float32Array(0), [L, 0, D]);
+        this.identity[INPUT.bottleneckUpBias(p)] = f32(new Float32Array(L * D), [L, D]);
+      }
+    }
+  }
+
+  private rows(slots: number): number {
+    return (slots + 1) * this.spec.numLayers;
+  }
+
+  private allocate(kind: PoolKind): void {
+    const { spec, capacity } = this;
+    const D = spec.hiddenSize;
+    if (kind === "lora" && this.lora.size === 0) {
+      const rows = this.rows(capacity.loraSlots);
+      const r = capacity.maxLoraRank;
+      for (const m of this.layout.loraTargets) {
+        const { inDim, outDim } = projectionDims(spec, m);
+        this.lora.set(m, { a: new Float32Array(rows * inDim * r), b: new Float32Array(rows * r * outDim) });
+      }
+    } else if (kind === "ia3" && this.ia3.size === 0) {
+      for (const m of this.layout.ia3Targets) {
+        this.ia3.set(m, new Float32Array(this.rows(capacity.ia3Slots) * ia3Dim(spec, m)).fill(1));
+      }
+    } else if (kind === "bottleneck" && this.bottleneck.size === 0) {
+      const rows = this.rows(capacity.bottleneckSlots);
+      const size = capacity.maxBottleneckSize;
+      for (const p of BOTTLENECK_PLACES) {
+        this.bottleneck.set(p, {
+          down: new Float32Array(rows * D * size),
+          downBias: new Float32Array(rows * size),
+          up: new Float32Array(rows * size * D),
+          upBias: new Float32Array(rows * D),
+        });
+      }
+    }
+  }
+
+  /** Write one adapter's weights into `slot` (1-based); modules it does not touch become identity. */
+  writeSlot(kind: PoolKind, slot: number, weights: SequenceAdapterWeights): void {
+    this.allocate(kind);
+    this.clearSlot(kind, slot);
+    const L = this.spec.numLayers;
+    for (let l = 0; l < L; l++) {
+      const row = slot * L + l;
+      if (kind === "lora") this.writeLora(row, l, weights);
+      if (kind === "ia3") {
+        for (const [m, pool] of this.ia3) {
+          const v = weights.ia3?.get(moduleKey(l, m));
+          if (v) pool.set(v, row * v.length);
+        }
+      }
+      if (kind === "bottleneck") this.writeBottleneck(row, l, weights);
+    }
+  }
+
+  private writeLora(row: number, l: number, weights: SequenceAdapterWeights) {
+    const r = this.capacity.maxLoraRank;
+    for (const [m, pool] of this.lora) {
+      const w = weights.lora?.get(moduleKey(l, m));
+      if (!w) continue;
+      const { inDim, outDim } = projectionDims(this.spec, m);
+      // A [rank, in] -> pool [in, r] (zero-padded ranks are exact); B [out, rank] -> pool [r, out].
+      const aBase = row * inDim * r;
+      for (let k = 0; k < w.rank; k++)
+        for (let i = 0; i < inDim; i++) pool.a[aBase + i * r + k] = w.a[k * inDim + i]!;
+      const bBase = row * r * outDim;
+      for (let o = 0; o < outDim; o++)
+        for (let k = 0; k < w.rank; k++) pool.b[bBase + k * outDim + o] = w.b[o * w.rank + k]!;
+    }
+  }
+
+  private writeBottleneck(row: number, l: number, weights: SequenceAdapterWeights) {
+    const D = this.spec.hiddenSize;
+    const size = this.capacity.maxBottleneckSize;
+    for (const [p, pool] of this.bottleneck) {
+      const w = weights.bottleneck?.get(moduleKey(l, p));
+      if (!w) continue;
+      for (let k = 0; k < w.size; k++) {
+        for (let i = 0; i < D; i++) pool.down[(row * D + i) * size + k] = w.down[k * D + i]!;
+        pool.downBias[row * size + k] = w.downBias[k]!;
+        for (let o = 0; o < D; o++) pool.up[(row * size + k) * D + o] = w.up[o * w.size + k]!;
+      }
+      pool.upBias.set(w.upBias, row * D);
+    }
+  }
+
+  clearSlot(kind: PoolKind, slot: number): void {
+    const L = this.spec.numLayers;
+    const span = (perRow: number) => [slot * L * perRow, (slot + 1) * L * perRow] as const;
+    if (kind === "lora") {
+      for (const [m, pool] of this.lora) {
+        const { inDim, outDim } = projectionDims(this.spec, m);
+        pool.a.fill(0, ...span(inDim * this.capacity.maxLoraRank));
+        pool.b.fill(0, ...span(outDim * this.capacity.maxLoraRank));
+      }
+    } else if (kind === "ia3") {
+      for (const [m, pool] of this.ia3) pool.fill(1, ...span(ia3Dim(this.spec, m)));
+    } else {
+      const D = this.spec.hiddenSize;
+      const size = this.capacity.maxBottleneckSize;
+      for (const pool of this.bottleneck.values()) {
+        pool.down.fill(0, ...span(D * size));
+        pool.downBias.fill(0, ...span(size));
+        pool.up.fill(0, ...span(size * D));
+        pool.upBias.fill(0, ...span(D));
+      }
+    }
+  }
+
+  /** Pool feeds for one step; a kind no row uses gets the zero-rank identity. */
+  feeds(used: Record<PoolKind, boolean>): Record<string, FeedValue> {
+    const feeds: Record<string, FeedValue> = { ...this.identity };
+    const L = this.spec.numLayers;
+    const D = this.spec.hiddenSize;
+    if (used.lora && this.lora.size) {
+      const rows = this.rows(this.capacity.loraSlots);
+      const r = this.capacity.maxLoraRank;
+      for (const [m, pool] of this.lora) {
+        const { inDim, outDim } = projectionDims(this.spec, m);
+        feeds[INPUT.loraA(m)] = f32(pool.a, [rows, inDim, r]);
+        feeds[INPUT.loraB(m)] = f32(pool.b, [rows, r, outDim]);
+      }
+    }
+    if (used.ia3 && this.ia3.size) {
+      for (const [m, pool] of this.ia3)
+        feeds[INPUT.ia3(m)] = f32(pool, [this.rows(this.capacity.ia3Slots), ia3Dim(this.spec, m)]);
+    }
+    if (used.bottleneck && this.bottleneck.size) {
+      const rows = this.rows(this.capacity.bottleneckSlots);
+      const size = this.capacity.maxBottleneckSize;
+      for (const [p, pool] of this.bottleneck) {
+        feeds[INPUT.bottleneckDown(p)] = f32(pool.down, [rows, D, size]);
+        feeds[INPUT.bottleneckDownBias(p)] = f32(pool.downBias, [rows, size]);
+        feeds[INPUT.bottleneckUp(p)] = f32(pool.up, [rows, size, D]);
+        feeds[INPUT.bottleneckUpBias(p)] = f32(pool.upBias, [rows, D]);
+      }
+    }
+    void L;
+    void IA3_INPUT_SCALED;
+    return feeds;
+  }
+}

@@ -1,0 +1,105 @@
+/**
+ * @module model/runner — ModelRunner.forward(StepBatch) -> logits: owns the session, the KV store and the
+ * PEFT pools. Runs wherever it is constructed (the model worker in production, in-process in tests).
+ */
+import { INPUT, OUTPUT, type PeftLayout, type StepBatch, type StepResult } from "./contract.ts";
+import { KvStore } from "./kv-store.ts";
+import type { ModelSpec } from "./model-spec.ts";
+import { PeftPools, type PoolCapacity, type PoolKind } from "./peft-pools.ts";
+import { type FeedValue, ModelSession, type SessionOptions } from "./session.ts";
+
+export interface RunnerOptions extends SessionOptions {
+  modelPath: string;
+  spec: ModelSpec;
+  peft: PeftLayout;
+  pools: PoolCapacity;
+}
+
+export class ModelRunner {
+  readonly kv: KvStore;
+  readonly pools: PeftPools;
+  private readonly outputNames: string[];
+
+  private constructor(
+    private readonly session: ModelSession,
+    private readonly spec: ModelSpec,
+    peft: PeftLayout,
+    pools: PoolCapacity,
+  ) {
+    this.kv = new KvStore({ numLayers: spec.numLayers, numKvHeads: spec.numKvHeads, headDim: spec.headDim });
+    this.pools = new PeftPools(spec, peft, pools);
+    this.outputNames = [OUTPUT.logits];
+    for (let l = 0; l < spec.numLayers; l++) this.outputNames.push(OUTPUT.newKey(l), OUTPUT.newValue(l));
+  }
+
+  static async create(options: RunnerOptions): Promise<ModelRunner> {
+    const session = await ModelSession.create(options.modelPath, options);
+    return new ModelRunner(session, options.spec, options.peft, options.pools);
+  }
+
+  async forward(batch: StepBatch): Promise<StepResult> {
+    const { spec } = this;
+    const B = batch.rows.length;
+    const T = batch.seqLen;
+    const P = batch.pastLength;
+    const seqIds = batch.rows.map((r) => r.seqId);
+    const past = this.kv.assemble(seqIds, P);
+    const kvDims = [B, spec.numKvHeads, P, spec.headDim];
+    const used = (slots: BigInt64Array) => slots.some((s) => s !== 0n);
+    const usage: Record<PoolKind, boolean> = {
+      lora: used(batch.loraSlots),
+      ia3: used(batch.ia3Slots),
+      bottleneck: used(batch.bottleneckSlots),
+    };
+    const feeds: Record<string, FeedValue> = {
+      ...this.pools.feeds(usage),
+      [INPUT.inputIds]: { type: "int64", data: batch.inputIds, dims: [B, T] },
+      [INPUT.positionIds]: { type: "int64", data: batch.positionIds, dims: [B, T] },
+      [INPUT.attentionMask]: { type: "bool", data: batch.attentionMask, dims: [B, 1, T, P + T] },
+      [INPUT.logitsIndex]: { type: "int64", data: batch.logitsIndex, dims: [batch.logitsIndex.length] },
+      [INPUT.virtualEmbeddings]: {
+        type: "float32",
+        data: batch.virtualEmbeddings,
+        dims: [batch.virtualEmbeddings.length / spec.hiddenSize, spec.hiddenSize],
+      },
+      [INPUT.loraSlot]: {
+        type: "int64",
+        data: usage.lora ? batch.loraSlots : new BigInt64Array(B),
+        dims: [B],
+      },
+      [INPUT.ia3Slot]: { type: "int64", data: usage.ia3 ? batch.ia3Slots : new BigInt64Array(B), dims: [B] },
+      [INPUT.bottleneckSlot]: {
+        type: "int64",
+        data: usage.bottleneck ? batch.bottleneckSlots : new BigInt64Array(B),
+        dims: [B],
+      },
+    };
+    for (let l = 0; l < spec.numLayers; l++) {
+      feeds[INPUT.pastKey(l)] = { type: "float32", data: past.keys[l]!, dims: kvDims };
+      feeds[INPUT.pastValue(l)] = { type: "float32", data: past.values[l]!, dims: kvDims };
+    }
+    const out = await this.session.run(feeds, this.outputNames);
+    const newKeys: Float32Array[] = [];
+    const newValues: Float32Array[] = [];
+    for (let l = 0; l < spec.numLayers; l++) {
+      newKeys.push(out[OUTPUT.newKey(l)]!);
+      newValues.push(out[OUTPUT.newValue(l)]!);
+    }
+    this.kv.append(
+      seqIds,
+      batch.rows.map((r) => r.numNewTokens),
+      T,
+      newKeys,
+      newValues,
+    );
+    return { logits: out[OUTPUT.logits]!, numLogitRows: batch.logitsIndex.length };
+  }
+
+  release(seqId: number): void {
+    this.kv.free(seqId);
+  }
+
+  async dispose(): Promise<void> {
+    await this.session.dispose();
+  }
+}

@@ -1,0 +1,55 @@
+/** @module model/session — the only importer of onnxruntime-node: create, run, dispose; typed arrays in and out. */
+import * as ort from "onnxruntime-node";
+
+export type FeedValue =
+  | { type: "float32"; data: Float32Array; dims: readonly number[] }
+  | { type: "int64"; data: BigInt64Array; dims: readonly number[] }
+  | { type: "bool"; data: Uint8Array; dims: readonly number[] };
+
+export interface SessionOptions {
+  /** onnxruntime intra-op threads; 0 = onnxruntime's default (one per core). */
+  threads: number;
+  /** "cpu" today; accelerator providers are chosen by the caller. */
+  executionProviders?: string[];
+}
+
+export class ModelSession {
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly inputNames: readonly string[],
+    readonly outputNames: readonly string[],
+  ) {}
+
+  /** Load from a file path so external weights are memory-mapped by onnxruntime (ort-facts §8). */
+  static async create(modelPath: string, options: SessionOptions): Promise<ModelSession> {
+    const session = await ort.InferenceSession.create(modelPath, {
+      executionProviders: options.executionProviders ?? ["cpu"],
+      graphOptimizationLevel: "all",
+      intraOpNumThreads: options.threads > 0 ? options.threads : undefined,
+      interOpNumThreads: 1,
+      executionMode: "sequential",
+      // Spinning threads burn a core between steps while the engine does JS work (ort-facts §6).
+      extra: { session: { intra_op: { allow_spinning: "0" } } },
+    });
+    return new ModelSession(session, session.inputNames, session.outputNames);
+  }
+
+  /** Run one step; returns only the requested outputs as Float32Arrays (each one a fresh copy from the binding). */
+  async run(
+    feeds: Record<string, FeedValue>,
+    outputs: readonly string[],
+  ): Promise<Record<string, Float32Array>> {
+    const tensors: Record<string, ort.Tensor> = {};
+    for (const [name, value] of Object.entries(feeds)) {
+      tensors[name] = new ort.Tensor(value.type, value.data, value.dims);
+    }
+    const result = await this.session.run(tensors, outputs as string[]);
+    const out: Record<string, Float32Array> = {};
+    for (const name of outputs) out[name] = result[name]!.data as Float32Array;
+    return out;
+  }
+
+  async dispose(): Promise<void> {
+    await this.session.release();
+  }
+}
