@@ -167,14 +167,30 @@ function hashFiles(files: string[]): string {
   return hash.digest("hex");
 }
 
-export function loadCheckpoint(dir: string): Checkpoint {
+/** What the server needs without reading the weights: shape, defaults, and the build-cache key. */
+export interface CheckpointInfo {
+  dir: string;
+  spec: ModelSpec;
+  generation: GenerationDefaults;
+  contentHash: string;
+  files: string[];
+}
+
+export function inspectCheckpoint(dir: string): CheckpointInfo {
   const configFile = join(dir, "config.json");
   if (!existsSync(configFile)) throw unsupportedModel(`${dir}: config.json not found`);
   const spec = parseModelSpec(readJson(configFile));
   const files = weightFiles(dir);
+  const generation = readGenerationDefaults(dir);
+  if (generation.eosTokenIds.length === 0) generation.eosTokenIds = spec.eosTokenIds;
+  return { dir, spec, generation, contentHash: hashFiles([configFile, ...files]), files };
+}
+
+export function loadCheckpoint(dir: string, info: CheckpointInfo = inspectCheckpoint(dir)): Checkpoint {
+  const { spec } = info;
   const tensors = new Map<string, FloatTensor>();
   const storedDtypes = new Set<SafetensorsDtype>();
-  for (const file of files) {
+  for (const file of info.files) {
     try {
       for (const [name, t] of readSafetensors(file).tensors) {
         tensors.set(name, t);
@@ -189,14 +205,12 @@ export function loadCheckpoint(dir: string): Checkpoint {
   let parameterCount = 0;
   for (const [name, t] of tensors)
     if (name !== "lm_head.weight" || !spec.tieWordEmbeddings) parameterCount += t.data.length;
-  const generation = readGenerationDefaults(dir);
-  if (generation.eosTokenIds.length === 0) generation.eosTokenIds = spec.eosTokenIds;
   return {
     dir,
     spec,
     weights,
-    generation,
-    contentHash: hashFiles([configFile, ...files]),
+    generation: info.generation,
+    contentHash: info.contentHash,
     parameterCount,
     storedDtypes: [...storedDtypes],
   };

@@ -192,3 +192,17 @@ export interface StepResult {
   logits: Float32Array;
   numLogitRows: number;
 }
+
+export type AdapterPoolKind = "lora" | "ia3" | "bottleneck";
+
+/** The compute seam the engine drives: in-process (tests) or in the model worker thread (server). */
+export interface ModelBackend {
+  forward(batch: StepBatch): Promise<StepResult>;
+  /** Free the K/V of finished sequences. */
+  release(seqIds: readonly number[]): void;
+  /** Put prefix-tuning keys/values (per layer [KVH, n, HS]) at positions 0..n-1 of a new sequence. */
+  seedPrefix(seqId: number, length: number, keys: Float32Array[], values: Float32Array[]): Promise<void>;
+  writeAdapterSlot(kind: AdapterPoolKind, slot: number, weights: SequenceAdapterWeights): Promise<void>;
+  clearAdapterSlot(kind: AdapterPoolKind, slot: number): Promise<void>;
+  dispose(): Promise<void>;
+}

@@ -2,7 +2,16 @@
  * @module model/runner — ModelRunner.forward(StepBatch) -> logits: owns the session, the KV store and the
  * PEFT pools. Runs wherever it is constructed (the model worker in production, in-process in tests).
  */
-import { INPUT, OUTPUT, type PeftLayout, type StepBatch, type StepResult } from "./contract.ts";
+import {
+  type AdapterPoolKind,
+  INPUT,
+  type ModelBackend,
+  OUTPUT,
+  type PeftLayout,
+  type SequenceAdapterWeights,
+  type StepBatch,
+  type StepResult,
+} from "./contract.ts";
 import { KvStore } from "./kv-store.ts";
 import type { ModelSpec } from "./model-spec.ts";
 import { PeftPools, type PoolCapacity, type PoolKind } from "./peft-pools.ts";
@@ -15,7 +24,7 @@ export interface RunnerOptions extends SessionOptions {
   pools: PoolCapacity;
 }
 
-export class ModelRunner {
+export class ModelRunner implements ModelBackend {
   readonly kv: KvStore;
   readonly pools: PeftPools;
   private readonly outputNames: string[];
@@ -95,8 +104,29 @@ export class ModelRunner {
     return { logits: out[OUTPUT.logits]!, numLogitRows: batch.logitsIndex.length };
   }
 
-  release(seqId: number): void {
-    this.kv.free(seqId);
+  release(seqIds: readonly number[]): void {
+    for (const id of seqIds) this.kv.free(id);
+  }
+
+  async seedPrefix(
+    seqId: number,
+    length: number,
+    keys: Float32Array[],
+    values: Float32Array[],
+  ): Promise<void> {
+    this.kv.seed(seqId, length, keys, values);
+  }
+
+  async writeAdapterSlot(
+    kind: AdapterPoolKind,
+    slot: number,
+    weights: SequenceAdapterWeights,
+  ): Promise<void> {
+    this.pools.writeSlot(kind, slot, weights);
+  }
+
+  async clearAdapterSlot(kind: AdapterPoolKind, slot: number): Promise<void> {
+    this.pools.clearSlot(kind, slot);
   }
 
   async dispose(): Promise<void> {

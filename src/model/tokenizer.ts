@@ -70,7 +70,7 @@ export class TextTokenizer {
 
   private readonly specialIds: ReadonlySet<number>;
   private readonly addedIds: ReadonlySet<number>;
-  private readonly bytesCache: (Uint8Array | null | undefined)[] = [];
+  private readonly bytesCache: (Uint8Array | undefined)[] = [];
   private readonly utf8 = new TextEncoder();
 
   private constructor(
@@ -82,7 +82,7 @@ export class TextTokenizer {
     private readonly postProcessorAddsBos: boolean,
     generationEosIds: number[],
   ) {
-    this.vocabSize = Math.max(-1, ...hf.get_vocab(true).values()) + 1;
+    this.vocabSize = largestId(hf) + 1;
     this.bosId = tokenId(hf, config.bos_token);
     this.specialIds = specialTokenIds(hf, config);
     this.addedIds = new Set(hf.get_added_tokens_decoder().keys());
@@ -134,7 +134,8 @@ export class TextTokenizer {
   }
 
   encode(text: string, { addSpecialTokens = true }: { addSpecialTokens?: boolean } = {}): number[] {
-    const ids = this.hf.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+    // Typed here: the package's .d.ts leaves `Encoding` unresolved under NodeNext.
+    const ids: number[] = this.hf.encode(text, { add_special_tokens: addSpecialTokens }).ids;
     if (!addSpecialTokens || this.addBosToken === this.postProcessorAddsBos) return ids;
     return this.addBosToken ? [this.bosId!, ...ids] : ids.slice(1);
   }
@@ -157,6 +158,11 @@ export class TextTokenizer {
     return this.hf.id_to_token(id) ?? "";
   }
 
+  /** The id of a vocabulary string (`<|im_end|>`, `<0x0A>`), or null. */
+  tokenId(token: string): number | null {
+    return this.hf.token_to_id(token) ?? null;
+  }
+
   /**
    * The exact bytes this token contributes to decoded text before the decoder's start-of-text space strip;
    * a special token contributes its own text (callers skip it when they skip special tokens). Null for an id
@@ -167,7 +173,7 @@ export class TextTokenizer {
     if (cached !== undefined) return cached;
     const token = this.hf.id_to_token(id);
     const bytes = token === undefined ? null : this.computeBytes(token, this.addedIds.has(id));
-    if (Number.isInteger(id) && id >= 0) this.bytesCache[id] = bytes;
+    if (bytes !== null) this.bytesCache[id] = bytes;
     return bytes;
   }
 
@@ -279,6 +285,13 @@ const unsupportedDecoder = (what: string) =>
     `tokenizer.json decoder is not supported (${what}): taskmux needs byte-level or SentencePiece-style decoding`,
     "tokenizer.json",
   );
+
+/** A loop, not Math.max(...ids): spreading a 150k-entry vocabulary overflows the argument limit. */
+function largestId(hf: Tokenizer): number {
+  let max = -1;
+  for (const id of hf.get_vocab(true).values()) if (id > max) max = id;
+  return max;
+}
 
 function specialTokenIds(hf: Tokenizer, config: Json): Set<number> {
   const ids = new Set<number>();
