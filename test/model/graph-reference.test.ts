@@ -1,0 +1,92 @@
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+import { argmax } from "../../src/engine/sampler.ts";
+import { buildStep, type StepWork } from "../../src/engine/step-builder.ts";
+import type { ModelSpec } from "../../src/model/model-spec.ts";
+import { referenceForward } from "../../src/model/reference.ts";
+import { relativeError, runnerFor } from "../helpers/graph-runner.ts";
+import { makeRandomModel } from "../helpers/random-model.ts";
+
+const TOLERANCE = 1e-4; // relative, per logits row (max |diff| / max |reference|)
+
+const CONFIGS: { name: string; spec: Partial<ModelSpec> }[] = [
+  { name: "MHA with tied embeddings", spec: { numHeads: 4, numKvHeads: 4, headDim: 16, hiddenSize: 64, tieWordEmbeddings: true } },
+  {
+    name: "GQA, untied, llama3 rope scaling",
+    spec: {
+      numHeads: 4,
+      numKvHeads: 2,
+      headDim: 16,
+      hiddenSize: 64,
+      tieWordEmbeddings: false,
+      ropeScaling: { type: "llama3", factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 32 },
+    },
+  },
+  {
+    name: "Qwen2-style q/k/v bias, one KV head",
+    spec: { architecture: "Qwen2ForCausalLM", numHeads: 4, numKvHeads: 1, headDim: 16, hiddenSize: 64, qkvBias: true, ropeTheta: 1e6 },
+  },
+];
+
+const blank = { loraSlot: 0, ia3Slot: 0, bottleneckSlot: 0 };
+
+describe("graph logits equal the plain-TypeScript reference", () => {
+  for (const config of CONFIGS) {
+    test(`${config.name}: batched prefill + 8 decode steps within ${TOLERANCE}`, async (t) => {
+      const { spec, weights } = makeRandomModel(config.spec, 11, { std: 0.08 });
+      const runner = await runnerFor(spec, weights);
+      const prompts = [
+        [3, 17, 5, 9, 40, 2, 33],
+        [8, 1, 60],
+      ];
+      let worst = 0;
+      // Prefill both prompts in one step, all positions' logits.
+      const works: StepWork[] = prompts.map((tokens, i) => ({ seqId: i + 1, tokens, pastLength: 0, logits: "all", ...blank }));
+      const built = buildStep(works, spec.vocabSize, spec.hiddenSize);
+      const result = await runner.forward(built.batch);
+      const V = spec.vocabSize;
+      const sequences = prompts.map((p) => [...p]);
+      built.owners.forEach((owner, r) => {
+        const ref = referenceForward(spec, weights, { tokens: prompts[owner.work]! });
+        const err = relativeError(result.logits.subarray(r * V, (r + 1) * V), ref.subarray(owner.token * V, (owner.token + 1) * V));
+        worst = Math.max(worst, err);
+      });
+      for (let s = 0; s < 2; s++) {
+        const lastRow = built.owners.findLastIndex((o) => o.work === s);
+        sequences[s]!.push(argmax(result.logits.subarray(lastRow * V, (lastRow + 1) * V)));
+      }
+      for (let step = 0; step < 8; step++) {
+        const decode = buildStep(
+          sequences.map((seq, i) => ({ seqId: i + 1, tokens: [seq.at(-1)!], pastLength: seq.length - 1, logits: "last" as const, ...blank })),
+          spec.vocabSize,
+          spec.hiddenSize,
+        );
+        const out = await runner.forward(decode.batch);
+        sequences.forEach((seq, i) => {
+          const ref = referenceForward(spec, weights, { tokens: seq });
+          const row = out.logits.subarray(i * V, (i + 1) * V);
+          worst = Math.max(worst, relativeError(row, ref.subarray((seq.length - 1) * V, seq.length * V)));
+          seq.push(argmax(row));
+        });
+      }
+      t.diagnostic(`largest relative error ${worst.toExponential(2)}`);
+      assert.ok(worst < TOLERANCE, `relative error ${worst} exceeds ${TOLERANCE}`);
+      await runner.dispose();
+    });
+  }
+
+  test("manual rope (plain ops) equals the contrib RotaryEmbedding path", async () => {
+    const { spec, weights } = makeRandomModel({ headDim: 8 }, 3, { std: 0.08 });
+    const tokens = [4, 9, 13, 2, 7];
+    const outs = [];
+    for (const rope of ["manual", "contrib"] as const) {
+      const runner = await runnerFor(spec, weights, { rope });
+      const step = buildStep([{ seqId: 1, tokens, pastLength: 0, logits: "all", ...blank }], spec.vocabSize, spec.hiddenSize);
+      outs.push((await runner.forward(step.batch)).logits);
+      await runner.dispose();
+    }
+    const ref = referenceForward(spec, weights, { tokens });
+    assert.ok(relativeError(outs[0]!, ref) < TOLERANCE);
+    assert.ok(relativeError(outs[1]!, ref) < TOLERANCE);
+  });
+});
