@@ -83,6 +83,15 @@ const camel = (flag: string) => flag.replace(/-([a-z])/g, (_, c: string) => c.to
 
 export class ConfigError extends Error {}
 
+/** A boolean flag's value; from the environment only true/false, 1/0, yes/no, on/off (z.coerce would read "0" as true). */
+function booleanOption(flag: string, value: string | boolean): boolean {
+  if (typeof value === "boolean") return value;
+  const word = value.trim().toLowerCase();
+  if (["true", "1", "yes", "on"].includes(word)) return true;
+  if (["false", "0", "no", "off", ""].includes(word)) return false;
+  throw new ConfigError(`--${flag}: expected true or false, got ${JSON.stringify(value)}`);
+}
+
 /** Flags win over environment variables (TASKMUX_<FLAG>, plus HOST, PORT and TASKMUX_ADMIN_TOKEN). */
 export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): Config {
   let values: Record<string, string | boolean | undefined>;
@@ -100,7 +109,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   for (const flag of Object.keys(FLAGS)) {
     const envValue = env[`TASKMUX_${flag.toUpperCase().replaceAll("-", "_")}`];
     const value = values[flag] ?? envValue;
-    if (value !== undefined) raw[camel(flag)] = value === "false" ? false : value;
+    if (value === undefined) continue;
+    raw[camel(flag)] = FLAGS[flag as keyof typeof FLAGS] === "boolean" ? booleanOption(flag, value) : value;
   }
   raw.host ??= env.HOST;
   raw.port ??= env.PORT;

@@ -118,12 +118,20 @@ export class Engine {
       request.taskName ?? null,
       request.onFinished,
     );
+    seq.prefixLength = request.prefix?.length ?? 0;
     this.scheduler.add(seq);
     this.sequences.set(id, seq);
     this.stats.requestQueued();
     if (request.prefix) {
-      seq.numComputedTokens = 0;
-      void this.backend.seedPrefix(id, request.prefix.length, request.prefix.keys, request.prefix.values);
+      // The worker handles messages in order, so the prefix is in place before this sequence's first step.
+      this.backend
+        .seedPrefix(id, request.prefix.length, request.prefix.keys, request.prefix.values)
+        .catch((error) => {
+          this.fail(
+            seq,
+            new TaskmuxError("internal", `could not place the task's prefix: ${(error as Error).message}`),
+          );
+        });
     }
     if (signal) {
       if (signal.aborted) this.cancel(seq);
@@ -136,7 +144,7 @@ export class Engine {
   private validate(request: GenerateRequest): void {
     const n = request.promptTokens.length;
     if (n === 0) throw invalidRequest("the prompt is empty: it must contain at least one token", "prompt");
-    const total = n + request.params.maxTokens;
+    const total = (request.prefix?.length ?? 0) + n + request.params.maxTokens;
     if (total > this.contextLength) {
       throw invalidRequest(
         `prompt (${n} tokens) + max_tokens (${request.params.maxTokens}) = ${total} exceeds the context window of ${this.contextLength} tokens`,
@@ -210,7 +218,7 @@ export class Engine {
       return {
         seqId: seq.id,
         tokens,
-        pastLength: start,
+        pastLength: seq.prefixLength + start,
         logits: scoring ? "all" : completes ? "last" : "none",
         virtualTable: seq.adapters.virtualTable,
         loraSlot: seq.adapters.loraSlot,
@@ -328,7 +336,10 @@ export class Engine {
     const { emit, stopped } = seq.stopMatcher.push(seq.detokenizer.push(token));
     seq.channel.push({ type: "token", tokenId: token, text: emit, logprob, topLogprobs: top });
     if (stopped) this.finish(seq, "stop", { dropHeldText: true });
-    else if (seq.outputTokens.length >= seq.params.maxTokens || seq.numTokens >= this.contextLength) {
+    else if (
+      seq.outputTokens.length >= seq.params.maxTokens ||
+      seq.prefixLength + seq.numTokens >= this.contextLength
+    ) {
       this.finish(seq, "length");
     }
   }

@@ -80,8 +80,8 @@ export function topLogprobs(logprobs: Float64Array, n: number): TokenLogprob[] {
 }
 
 /**
- * Pick the next token. Candidates grow from the top 64 until they cover top_p of the mass, so the
- * full vocabulary is sorted only when the distribution is flat.
+ * Pick the next token. Plain temperature sampling walks the distribution once; top-k uses a heap of k;
+ * top-p finds its probability threshold with one native sort of the probabilities (no index sort).
  */
 export function sampleToken(row: Float32Array, params: SamplingParams, rng: Rng): number {
   if (params.temperature === 0 || params.topK === 1) return argmax(row);
@@ -89,39 +89,55 @@ export function sampleToken(row: Float32Array, params: SamplingParams, rng: Rng)
   let max = Number.NEGATIVE_INFINITY;
   for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
   const probs = new Float64Array(row.length);
-  let total = 0;
-  for (let i = 0; i < row.length; i++) {
-    const p = Math.exp((row[i]! - max) * invT);
-    probs[i] = p;
-    total += p;
+  for (let i = 0; i < row.length; i++) probs[i] = Math.exp((row[i]! - max) * invT);
+  if (params.topK > 0 && params.topK < row.length) {
+    const keep = topKIndices(probs, params.topK);
+    const kept = new Float64Array(row.length);
+    for (const i of keep) kept[i] = probs[i]!;
+    return sampleFrom(nucleus(kept, params.topP), rng);
   }
-  const limit = params.topK > 0 ? Math.min(params.topK, row.length) : row.length;
-  let k = Math.min(64, limit);
-  let candidates: number[];
-  let mass: number;
-  for (;;) {
-    candidates = topKIndices(probs, k);
-    mass = 0;
-    let cut = candidates.length;
-    for (let i = 0; i < candidates.length; i++) {
-      mass += probs[candidates[i]!]! / total;
-      if (mass >= params.topP) {
-        cut = i + 1;
-        break;
-      }
-    }
-    if (cut < candidates.length || mass >= params.topP || k >= limit) {
-      candidates = candidates.slice(0, cut);
+  return sampleFrom(nucleus(probs, params.topP), rng);
+}
+
+/**
+ * Zero every probability outside the smallest set whose mass reaches topP. Ties at the edge keep the lower
+ * ids, the order argmax and topKIndices use.
+ */
+function nucleus(probs: Float64Array, topP: number): Float64Array {
+  if (topP >= 1) return probs;
+  let total = 0;
+  for (let i = 0; i < probs.length; i++) total += probs[i]!;
+  const sorted = Float64Array.from(probs).sort().reverse();
+  let mass = 0;
+  let cut = sorted.length - 1;
+  for (let i = 0; i < sorted.length; i++) {
+    mass += sorted[i]! / total;
+    if (mass >= topP) {
+      cut = i;
       break;
     }
-    k = Math.min(limit, k * 4);
   }
+  const threshold = sorted[cut]!;
+  let equalToKeep = cut + 1 - sorted.findIndex((v) => v === threshold);
+  for (let i = 0; i < probs.length; i++) {
+    if (probs[i]! > threshold) continue;
+    if (probs[i] === threshold && equalToKeep > 0) equalToKeep--;
+    else probs[i] = 0;
+  }
+  return probs;
+}
+
+function sampleFrom(weights: Float64Array, rng: Rng): number {
   let sum = 0;
-  for (const c of candidates) sum += probs[c]!;
-  let u = rng.uniform() * sum;
-  for (const c of candidates) {
-    u -= probs[c]!;
-    if (u <= 0) return c;
+  let last = 0;
+  for (let i = 0; i < weights.length; i++) {
+    sum += weights[i]!;
+    if (weights[i]! > 0) last = i;
   }
-  return candidates[candidates.length - 1]!;
+  let u = rng.uniform() * sum;
+  for (let i = 0; i < weights.length; i++) {
+    u -= weights[i]!;
+    if (u <= 0 && weights[i]! > 0) return i;
+  }
+  return last;
 }

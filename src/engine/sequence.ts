@@ -39,6 +39,8 @@ export class Sequence implements SchedulableSequence {
   readonly arrivalMs = performance.now();
   firstTokenMs: number | null = null;
   lastTokenMs: number | null = null;
+  /** Prefix-tuning positions seeded into the cache before the prompt (its tokens start at this position). */
+  prefixLength = 0;
   /** Set by cancellation or deadline; the engine finishes the sequence at the next step boundary. */
   pendingFinish: "cancelled" | "length" | null = null;
 
@@ -62,7 +64,7 @@ export class Sequence implements SchedulableSequence {
   }
 
   get maxTotalTokens(): number {
-    return this.promptTokens.length + this.params.maxTokens;
+    return this.prefixLength + this.promptTokens.length + this.params.maxTokens;
   }
 
   get isPrefilling(): boolean {

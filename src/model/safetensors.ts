@@ -96,6 +96,7 @@ export function parseSafetensors(
   const dataLength = buf.byteLength - dataStart;
   const tensors = new Map<string, FloatTensor>();
   const metadata = (header.__metadata__ as Record<string, string> | undefined) ?? {};
+  const ranges: { name: string; begin: number; end: number }[] = [];
   for (const [name, raw] of Object.entries(header)) {
     if (name === "__metadata__") continue;
     const entry = raw as HeaderEntry;
@@ -123,9 +124,20 @@ export function parseSafetensors(
         `truncated: tensor ${name} ends at byte ${end}, data section has ${dataLength}`,
       );
     }
+    ranges.push({ name, begin, end });
     if (options.only && !options.only(name)) continue;
     const bytes = buf.subarray(dataStart + begin, dataStart + end);
     tensors.set(name, { shape: entry.shape, data: decode(bytes, dtype, count), storedDtype: dtype });
+  }
+  ranges.sort((a, b) => a.begin - b.begin || a.end - b.end);
+  for (let i = 1; i < ranges.length; i++) {
+    const [prev, next] = [ranges[i - 1]!, ranges[i]!];
+    if (next.begin < prev.end) {
+      throw new SafetensorsError(
+        file,
+        `tensor ${next.name}: bytes [${next.begin}, ${next.end}) overlap tensor ${prev.name} [${prev.begin}, ${prev.end})`,
+      );
+    }
   }
   return { tensors, metadata };
 }

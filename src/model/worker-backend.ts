@@ -37,8 +37,8 @@ export class WorkerBackend implements ModelBackend {
 
   /** Start the worker and wait until its session is created. */
   static async start(options: RunnerOptions): Promise<WorkerBackend> {
-    // tsx's loader is inherited through execArgv (`node --import tsx`), so the worker can load .ts directly.
-    const worker = new Worker(new URL("./worker.ts", import.meta.url), { workerData: options });
+    // worker-entry.mjs registers tsx in the worker thread, then loads worker.ts.
+    const worker = new Worker(new URL("./worker-entry.mjs", import.meta.url), { workerData: options });
     const backend = new WorkerBackend(worker);
     await new Promise<void>((resolve, reject) => {
       backend.pending.set(0, { resolve: () => resolve(), reject });

@@ -10,7 +10,13 @@ import type { PoolCapacity } from "../../src/model/peft-pools.ts";
 import { ModelRunner } from "../../src/model/runner.ts";
 import { TEST_CACHE_DIR } from "./tiny-model.ts";
 
-export const TEST_POOLS: PoolCapacity = { loraSlots: 3, maxLoraRank: 4, ia3Slots: 3, bottleneckSlots: 3, maxBottleneckSize: 4 };
+export const TEST_POOLS: PoolCapacity = {
+  loraSlots: 3,
+  maxLoraRank: 4,
+  ia3Slots: 3,
+  bottleneckSlots: 3,
+  maxBottleneckSize: 4,
+};
 
 export async function runnerFor(
   spec: ModelSpec,
@@ -31,8 +37,18 @@ export async function runnerFor(
     storedDtypes: ["F32"],
   } satisfies Checkpoint;
   const peft = options.peft ?? FULL_PEFT_LAYOUT;
-  const built = buildOrReuseGraph(checkpoint, { peft, rope: options.rope ?? "contrib" }, join(TEST_CACHE_DIR, "made-up"));
-  return ModelRunner.create({ modelPath: built.modelPath, spec, peft, pools: options.pools ?? TEST_POOLS, threads: 1 });
+  const built = buildOrReuseGraph(
+    checkpoint,
+    { peft, rope: options.rope ?? "contrib" },
+    join(TEST_CACHE_DIR, "made-up"),
+  );
+  return ModelRunner.create({
+    modelPath: built.modelPath,
+    spec,
+    peft,
+    pools: options.pools ?? TEST_POOLS,
+    threads: 1,
+  });
 }
 
 /** max |a - b| / max |b| over a row */

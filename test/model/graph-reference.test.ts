@@ -10,7 +10,10 @@ import { makeRandomModel } from "../helpers/random-model.ts";
 const TOLERANCE = 1e-4; // relative, per logits row (max |diff| / max |reference|)
 
 const CONFIGS: { name: string; spec: Partial<ModelSpec> }[] = [
-  { name: "MHA with tied embeddings", spec: { numHeads: 4, numKvHeads: 4, headDim: 16, hiddenSize: 64, tieWordEmbeddings: true } },
+  {
+    name: "MHA with tied embeddings",
+    spec: { numHeads: 4, numKvHeads: 4, headDim: 16, hiddenSize: 64, tieWordEmbeddings: true },
+  },
   {
     name: "GQA, untied, llama3 rope scaling",
     spec: {
@@ -19,12 +22,26 @@ const CONFIGS: { name: string; spec: Partial<ModelSpec> }[] = [
       headDim: 16,
       hiddenSize: 64,
       tieWordEmbeddings: false,
-      ropeScaling: { type: "llama3", factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 32 },
+      ropeScaling: {
+        type: "llama3",
+        factor: 8,
+        lowFreqFactor: 1,
+        highFreqFactor: 4,
+        originalMaxPositionEmbeddings: 32,
+      },
     },
   },
   {
     name: "Qwen2-style q/k/v bias, one KV head",
-    spec: { architecture: "Qwen2ForCausalLM", numHeads: 4, numKvHeads: 1, headDim: 16, hiddenSize: 64, qkvBias: true, ropeTheta: 1e6 },
+    spec: {
+      architecture: "Qwen2ForCausalLM",
+      numHeads: 4,
+      numKvHeads: 1,
+      headDim: 16,
+      hiddenSize: 64,
+      qkvBias: true,
+      ropeTheta: 1e6,
+    },
   },
 ];
 
@@ -41,14 +58,23 @@ describe("graph logits equal the plain-TypeScript reference", () => {
       ];
       let worst = 0;
       // Prefill both prompts in one step, all positions' logits.
-      const works: StepWork[] = prompts.map((tokens, i) => ({ seqId: i + 1, tokens, pastLength: 0, logits: "all", ...blank }));
+      const works: StepWork[] = prompts.map((tokens, i) => ({
+        seqId: i + 1,
+        tokens,
+        pastLength: 0,
+        logits: "all",
+        ...blank,
+      }));
       const built = buildStep(works, spec.vocabSize, spec.hiddenSize);
       const result = await runner.forward(built.batch);
       const V = spec.vocabSize;
       const sequences = prompts.map((p) => [...p]);
       built.owners.forEach((owner, r) => {
         const ref = referenceForward(spec, weights, { tokens: prompts[owner.work]! });
-        const err = relativeError(result.logits.subarray(r * V, (r + 1) * V), ref.subarray(owner.token * V, (owner.token + 1) * V));
+        const err = relativeError(
+          result.logits.subarray(r * V, (r + 1) * V),
+          ref.subarray(owner.token * V, (owner.token + 1) * V),
+        );
         worst = Math.max(worst, err);
       });
       for (let s = 0; s < 2; s++) {
@@ -57,7 +83,13 @@ describe("graph logits equal the plain-TypeScript reference", () => {
       }
       for (let step = 0; step < 8; step++) {
         const decode = buildStep(
-          sequences.map((seq, i) => ({ seqId: i + 1, tokens: [seq.at(-1)!], pastLength: seq.length - 1, logits: "last" as const, ...blank })),
+          sequences.map((seq, i) => ({
+            seqId: i + 1,
+            tokens: [seq.at(-1)!],
+            pastLength: seq.length - 1,
+            logits: "last" as const,
+            ...blank,
+          })),
           spec.vocabSize,
           spec.hiddenSize,
         );
@@ -81,7 +113,11 @@ describe("graph logits equal the plain-TypeScript reference", () => {
     const outs = [];
     for (const rope of ["manual", "contrib"] as const) {
       const runner = await runnerFor(spec, weights, { rope });
-      const step = buildStep([{ seqId: 1, tokens, pastLength: 0, logits: "all", ...blank }], spec.vocabSize, spec.hiddenSize);
+      const step = buildStep(
+        [{ seqId: 1, tokens, pastLength: 0, logits: "all", ...blank }],
+        spec.vocabSize,
+        spec.hiddenSize,
+      );
       outs.push((await runner.forward(step.batch)).logits);
       await runner.dispose();
     }

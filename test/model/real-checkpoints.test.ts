@@ -5,8 +5,8 @@
 import assert from "node:assert/strict";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { fileURLToPath } from "node:url";
 import { describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
 import type { EngineEvent } from "../../src/engine/events.ts";
 import { startTestStack } from "../helpers/tiny-model.ts";
 
@@ -35,7 +35,9 @@ describe("real checkpoints reproduce their recorded greedy output", () => {
   for (const name of names) {
     test(name, async (t) => {
       const dir = join(SHARED_MODELS, name);
-      const expected = JSON.parse(readFileSync(join(dir, "expected.json"), "utf8")) as { cases: ExpectedCase[] };
+      const expected = JSON.parse(readFileSync(join(dir, "expected.json"), "utf8")) as {
+        cases: ExpectedCase[];
+      };
       const stack = await startTestStack({ dir });
       let worst = 0;
       try {

@@ -1,0 +1,172 @@
+/**
+ * @module bench/bench — `npm run bench`: serving throughput and latency of taskmux on the smollm2-135m
+ * preset at several concurrencies, each figure also shown as a fraction of this machine's limits
+ * (measured in the same run). Writes bench/results/<time>.json and prints a table.
+ *
+ *   npm run bench -- [--concurrency 1,8,32] [--prompt-tokens 128] [--max-tokens 128] [--threads N]
+ *                    [--preset smollm2-135m] [--requests-per-client 2]
+ */
+import { existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { inspectCheckpoint } from "../src/model/checkpoint.ts";
+import { countParameters } from "../src/model/load-model.ts";
+import { makeModel, PRESETS, type PresetName } from "../src/model/maker/make-model.ts";
+import { percentile, runLoad } from "./load.ts";
+import { measureMachine } from "./machine.ts";
+import { startServer } from "./server-process.ts";
+
+const BENCH_DIR = fileURLToPath(new URL(".", import.meta.url));
+
+const { values } = parseArgs({
+  options: {
+    preset: { type: "string", default: "smollm2-135m" },
+    concurrency: { type: "string", default: "1,8,32" },
+    "prompt-tokens": { type: "string", default: "128" },
+    "max-tokens": { type: "string", default: "128" },
+    "requests-per-client": { type: "string", default: "2" },
+    threads: { type: "string", default: String(availableParallelism()) },
+  },
+});
+
+const preset = values.preset as PresetName;
+if (!(preset in PRESETS)) throw new Error(`--preset must be one of ${Object.keys(PRESETS).join(", ")}`);
+const concurrencies = values.concurrency.split(",").map(Number);
+const promptTokens = Number(values["prompt-tokens"]);
+const maxTokens = Number(values["max-tokens"]);
+const requestsPerClient = Number(values["requests-per-client"]);
+const threads = Number(values.threads);
+
+function log(msg: string) {
+  process.stderr.write(`[bench] ${msg}\n`);
+}
+
+function ensureModel(): string {
+  const dir = join(BENCH_DIR, ".models", `${preset}-seed0`);
+  if (!existsSync(join(dir, "config.json"))) {
+    log(`making the ${preset} model (deterministic, seed 0) in ${dir}`);
+    makeModel({ preset, seed: 0, out: dir });
+  }
+  return dir;
+}
+
+/** Deterministic prompt ids below the special tokens (the made tokenizers put specials last). */
+function promptIds(vocab: number, client: number, i: number): number[] {
+  return Array.from(
+    { length: promptTokens },
+    (_, t) => 256 + ((client * 7919 + i * 104729 + t * 131) % (vocab - 512)),
+  );
+}
+
+async function main() {
+  const modelDir = ensureModel();
+  const info = inspectCheckpoint(modelDir);
+  const params = countParameters(info);
+  const weightBytes = params * 4;
+  log(`measuring machine limits with ${threads} threads`);
+  const machine = await measureMachine(threads);
+  const rooflineDecodeTokS = machine.bandwidthBytesPerS / weightBytes;
+  log(
+    `bandwidth ${(machine.bandwidthBytesPerS / 1e9).toFixed(1)} GB/s, GEMM ${(machine.gemmFlopsPerS / 1e9).toFixed(0)} GFLOP/s`,
+  );
+  const maxSeqs = Math.max(...concurrencies);
+  const server = await startServer([
+    "--model",
+    modelDir,
+    "--threads",
+    String(threads),
+    "--max-num-seqs",
+    String(Math.max(32, maxSeqs)),
+    "--max-batched-tokens",
+    String(Math.max(256, maxSeqs)),
+  ]);
+  const levels = [];
+  try {
+    for (const c of concurrencies) {
+      log(`concurrency ${c}: ${c * requestsPerClient} requests of ${promptTokens} + ${maxTokens} tokens`);
+      const r = await runLoad({
+        baseUrl: server.baseUrl,
+        concurrency: c,
+        requestsPerClient,
+        prompt: (client, i) => promptIds(info.spec.vocabSize, client, i),
+        maxTokens,
+      });
+      const throughput = r.completionTokens / r.wallS;
+      // Batch-c decode streams the weights once per step for c tokens: the roofline is c x batch-1's,
+      // capped by compute (2 FLOP per parameter per token).
+      const roofline = Math.min(c * rooflineDecodeTokS, machine.gemmFlopsPerS / (2 * params));
+      levels.push({
+        concurrency: c,
+        requests: r.requests,
+        errors: r.errors,
+        wallS: r.wallS,
+        generatedTokens: r.completionTokens,
+        throughputTokS: throughput,
+        rooflineTokS: roofline,
+        fractionOfRoofline: throughput / roofline,
+        ttftMsP50: percentile(r.ttftMs, 50),
+        ttftMsP99: percentile(r.ttftMs, 99),
+        itlMsP50: percentile(r.itlMs, 50),
+        itlMsP99: percentile(r.itlMs, 99),
+        serverRssMiB: server.rssBytes() / 2 ** 20,
+      });
+    }
+  } finally {
+    await server.stop();
+  }
+  const base = levels.find((l) => l.concurrency === 1)?.throughputTokS;
+  const report = {
+    date: new Date().toISOString(),
+    preset,
+    parameters: params,
+    weightBytesPerDecodeStep: weightBytes,
+    threads,
+    promptTokens,
+    maxTokens,
+    machine: {
+      bandwidthGBs: machine.bandwidthBytesPerS / 1e9,
+      gemmGflops: machine.gemmFlopsPerS / 1e9,
+      batch1DecodeRooflineTokS: rooflineDecodeTokS,
+    },
+    levels: levels.map((l) => ({ ...l, speedupVsConcurrency1: base ? l.throughputTokS / base : null })),
+  };
+  const outDir = join(BENCH_DIR, "results");
+  mkdirSync(outDir, { recursive: true });
+  const file = join(outDir, `serving-${report.date.replace(/[:.]/g, "-")}.json`);
+  writeFileSync(file, `${JSON.stringify(report, null, 2)}\n`);
+  printTable(report);
+  log(`wrote ${file}`);
+}
+
+function printTable(
+  report: { machine: Record<string, number>; levels: Record<string, number | null>[] } & Record<
+    string,
+    unknown
+  >,
+) {
+  const m = report.machine;
+  console.log(
+    `\ntaskmux serving benchmark — ${report.preset}, ${report.parameters} params, ${report.threads} threads, prompt ${report.promptTokens} + ${report.maxTokens} new tokens`,
+  );
+  console.log(
+    `machine: ${m.bandwidthGBs!.toFixed(1)} GB/s streaming, ${m.gemmGflops!.toFixed(0)} GFLOP/s fp32 GEMM; batch-1 decode roofline ${m.batch1DecodeRooflineTokS!.toFixed(1)} tok/s\n`,
+  );
+  const rows = report.levels.map((l) => ({
+    conc: l.concurrency,
+    "tok/s": l.throughputTokS!.toFixed(1),
+    "x conc1": l.speedupVsConcurrency1?.toFixed(2) ?? "-",
+    roofline: l.rooflineTokS!.toFixed(0),
+    "% roof": `${(100 * l.fractionOfRoofline!).toFixed(0)}%`,
+    "ttft p50": l.ttftMsP50!.toFixed(0),
+    "ttft p99": l.ttftMsP99!.toFixed(0),
+    "itl p50": l.itlMsP50!.toFixed(1),
+    "itl p99": l.itlMsP99!.toFixed(1),
+    errors: l.errors,
+    "rss MiB": l.serverRssMiB!.toFixed(0),
+  }));
+  console.table(rows);
+}
+
+await main();

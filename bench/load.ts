@@ -1,0 +1,115 @@
+/**
+ * @module bench/load — an undici load generator for /v1/completions (streaming): each client sends its
+ * requests back to back; records time to first token and the gaps between tokens per request.
+ */
+import { request } from "undici";
+
+export interface LoadOptions {
+  baseUrl: string;
+  concurrency: number;
+  requestsPerClient: number;
+  /** Prompt as token ids (exact length, no tokenizer round trip). */
+  prompt: (client: number, i: number) => number[];
+  maxTokens: number;
+  headers?: (client: number, i: number) => Record<string, string>;
+  timeoutMs?: number;
+}
+
+export interface LoadResult {
+  wallS: number;
+  completionTokens: number;
+  promptTokens: number;
+  ttftMs: number[];
+  itlMs: number[];
+  errors: number;
+  requests: number;
+}
+
+async function oneRequest(
+  options: LoadOptions,
+  client: number,
+  i: number,
+  result: LoadResult,
+): Promise<void> {
+  const started = performance.now();
+  const { statusCode, body } = await request(`${options.baseUrl}/v1/completions`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...(options.headers?.(client, i) ?? {}) },
+    body: JSON.stringify({
+      prompt: options.prompt(client, i),
+      max_tokens: options.maxTokens,
+      temperature: 0,
+      ignore_eos: true,
+      stream: true,
+      stream_options: { include_usage: true },
+    }),
+    bodyTimeout: options.timeoutMs ?? 600_000,
+    headersTimeout: options.timeoutMs ?? 600_000,
+  });
+  if (statusCode !== 200) {
+    result.errors++;
+    await body.text();
+    return;
+  }
+  let last = 0;
+  let buffer = "";
+  for await (const chunk of body) {
+    buffer += chunk.toString();
+    let nl = buffer.indexOf("\n\n");
+    while (nl >= 0) {
+      const frame = buffer.slice(0, nl);
+      buffer = buffer.slice(nl + 2);
+      nl = buffer.indexOf("\n\n");
+      if (!frame.startsWith("data: ") || frame === "data: [DONE]") continue;
+      const data = JSON.parse(frame.slice(6)) as {
+        choices?: { text?: string }[];
+        usage?: { completion_tokens: number; prompt_tokens: number };
+        error?: unknown;
+      };
+      if (data.error) result.errors++;
+      if (data.usage) {
+        result.completionTokens += data.usage.completion_tokens;
+        result.promptTokens += data.usage.prompt_tokens;
+      }
+      if (data.choices?.length) {
+        const now = performance.now();
+        if (last === 0) result.ttftMs.push(now - started);
+        else result.itlMs.push(now - last);
+        last = now;
+      }
+    }
+  }
+  result.requests++;
+}
+
+export async function runLoad(options: LoadOptions): Promise<LoadResult> {
+  const result: LoadResult = {
+    wallS: 0,
+    completionTokens: 0,
+    promptTokens: 0,
+    ttftMs: [],
+    itlMs: [],
+    errors: 0,
+    requests: 0,
+  };
+  const started = performance.now();
+  await Promise.all(
+    Array.from({ length: options.concurrency }, async (_, client) => {
+      for (let i = 0; i < options.requestsPerClient; i++) {
+        try {
+          await oneRequest(options, client, i, result);
+        } catch {
+          result.errors++;
+        }
+      }
+    }),
+  );
+  result.wallS = (performance.now() - started) / 1000;
+  return result;
+}
+
+export function percentile(values: number[], p: number): number {
+  if (values.length === 0) return Number.NaN;
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+}

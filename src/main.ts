@@ -1,0 +1,128 @@
+/**
+ * @module main — composition root: config -> model -> engine -> http; listen; drain on SIGTERM/SIGINT.
+ */
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { serve } from "@hono/node-server";
+import { type Config, ConfigError, configSchema, parseConfig } from "./config.ts";
+import { Engine } from "./engine/engine.ts";
+import { EngineGenerationService } from "./engine/generation-service.ts";
+import { isTaskmuxError } from "./errors.ts";
+import { createApp } from "./http/app.ts";
+import { configureLogging, createLogger } from "./log.ts";
+import { loadModel } from "./model/load-model.ts";
+import { makeModel } from "./model/maker/make-model.ts";
+
+const log = createLogger({ module: "main" });
+
+/** The embedded default is made (deterministically, in about a second) the first time it is needed. */
+function ensureDefaultModel(config: Config): void {
+  const defaultDir = configSchema.parse({}).model;
+  if (config.model !== defaultDir || existsSync(join(defaultDir, "config.json"))) return;
+  const started = performance.now();
+  log.info("making the embedded default model (first start)", { dir: defaultDir });
+  makeModel({ preset: "default", seed: 0, out: defaultDir });
+  log.info("default model made", { ms: Math.round(performance.now() - started) });
+}
+
+async function start(config: Config) {
+  ensureDefaultModel(config);
+  const started = performance.now();
+  const model = await loadModel({
+    modelDir: config.model,
+    cacheDir: config.cacheDir,
+    threads: config.threads,
+    inProcess: config.inProcess,
+    pools: {
+      loraSlots: config.maxResidentAdapters,
+      maxLoraRank: config.maxLoraRank,
+      ia3Slots: config.maxResidentAdapters,
+      bottleneckSlots: config.maxResidentAdapters,
+      maxBottleneckSize: config.maxBottleneckSize,
+    },
+  });
+  const { spec } = model.info;
+  log.info("model loaded", {
+    model: config.model,
+    architecture: spec.architecture,
+    parameters: model.report.parameterCount,
+    layers: spec.numLayers,
+    hidden: spec.hiddenSize,
+    vocab: spec.vocabSize,
+    context: spec.maxPositionEmbeddings,
+    storedDtype: model.report.storedDtypes.join(",") || "cached",
+    computeDtype: "fp32",
+    threads: config.threads,
+    graph: model.report.graphCacheHit ? "cached" : "built",
+    graphBuildMs: Math.round(model.report.graphBuildMs),
+    sessionMs: Math.round(model.report.sessionMs),
+    totalMs: Math.round(performance.now() - started),
+  });
+  const eosIds = [...new Set([...model.tokenizer.eosIds, ...model.info.generation.eosTokenIds])];
+  const engine = new Engine(
+    spec,
+    model.tokenizer,
+    model.backend,
+    {
+      maxNumSeqs: config.maxNumSeqs,
+      maxBatchedTokens: config.maxBatchedTokens,
+      maxWaiting: config.maxWaiting,
+      kvCacheBytes: config.kvCacheMb * 2 ** 20,
+    },
+    eosIds,
+  );
+  const service = new EngineGenerationService(engine, model.tokenizer, null, {
+    modelId: modelIdOf(config.model),
+    generation: model.info.generation,
+    requestTimeoutMs: config.requestTimeoutS * 1000,
+  });
+  const app = createApp({
+    service,
+    bodyLimitBytes: Math.round(config.bodyLimitMb * 2 ** 20),
+    maxN: config.maxN,
+    logPrompts: config.logPrompts,
+  });
+  const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
+  await new Promise<void>((resolve) => server.once("listening", () => resolve()));
+  log.info("listening", { url: `http://${config.host}:${config.port}`, modelId: service.modelId });
+  installShutdown(config, engine, () => new Promise<void>((resolve) => server.close(() => resolve())));
+}
+
+function modelIdOf(dir: string): string {
+  const parts = dir.replace(/\/+$/, "").split("/");
+  return parts[parts.length - 1] || "model";
+}
+
+function installShutdown(config: Config, engine: Engine, closeServer: () => Promise<void>) {
+  let shuttingDown = false;
+  const onSignal = async (signal: string) => {
+    if (shuttingDown) {
+      log.warn("second signal: exiting now", { signal });
+      process.exit(1);
+    }
+    shuttingDown = true;
+    engine.stopAdmitting();
+    log.info("draining", {
+      signal,
+      running: engine.numRunningSequences,
+      waiting: engine.numWaitingSequences,
+    });
+    const drained = await engine.drain(config.drainTimeoutS * 1000);
+    log.info(drained ? "drained" : "drain deadline passed; cancelling the rest", { signal });
+    await Promise.race([closeServer(), new Promise((r) => setTimeout(r, 2000))]);
+    await engine.dispose();
+    process.exit(0);
+  };
+  process.on("SIGTERM", (s) => void onSignal(s));
+  process.on("SIGINT", (s) => void onSignal(s));
+}
+
+try {
+  await start(parseConfig(process.argv.slice(2)));
+} catch (error) {
+  if (error instanceof ConfigError || isTaskmuxError(error)) {
+    log.error(`cannot start: ${(error as Error).message}`);
+    process.exit(2);
+  }
+  throw error;
+}
