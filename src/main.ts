@@ -4,9 +4,13 @@
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { serve } from "@hono/node-server";
+import { TaskRegistry } from "./adapters/registry.ts";
+import { AdapterResidency } from "./adapters/residency.ts";
+import { TaskStore } from "./adapters/task-store.ts";
 import { type Config, ConfigError, configSchema, parseConfig } from "./config.ts";
 import { Engine } from "./engine/engine.ts";
 import { EngineGenerationService } from "./engine/generation-service.ts";
+import { RegistryTaskProvider } from "./engine/tasks.ts";
 import { isTaskmuxError } from "./errors.ts";
 import { createApp } from "./http/app.ts";
 import { configureLogging, createLogger } from "./log.ts";
@@ -71,7 +75,21 @@ async function start(config: Config) {
     },
     eosIds,
   );
-  const service = new EngineGenerationService(engine, model.tokenizer, null, {
+  const registry = new TaskRegistry();
+  const store = new TaskStore(registry, spec, {
+    roots: [config.promptTables, config.adapters],
+    maxLoraRank: config.maxLoraRank,
+    maxBottleneckSize: config.maxBottleneckSize,
+  });
+  const residency = new AdapterResidency(model.backend, {
+    lora: config.maxResidentAdapters,
+    ia3: config.maxResidentAdapters,
+    bottleneck: config.maxResidentAdapters,
+  });
+  const tasks = new RegistryTaskProvider(registry, store, residency, model.tokenizer, spec);
+  const scan = store.loadAll();
+  log.info("tasks loaded", { roots: store.roots, loaded: scan.loaded, failed: scan.failed });
+  const service = new EngineGenerationService(engine, model.tokenizer, tasks, {
     modelId: modelIdOf(config.model),
     generation: model.info.generation,
     requestTimeoutMs: config.requestTimeoutS * 1000,

@@ -32,6 +32,7 @@ export interface PreparedTask {
 
 /** The seam to the task registry (prompt tables, adapters); see engine/tasks.ts. */
 export interface TaskProvider {
+  /** Loaded, or loadable on demand from the task roots. */
   has(name: string): boolean;
   list(): TaskSummary[];
   /** Render the prompt for `name`; throws task_not_found / invalid_request. */
@@ -138,12 +139,24 @@ export class EngineGenerationService implements GenerationService {
   }
 
   tokenText(tokenId: number): string {
-    return this.tokenizer.tokenString(tokenId);
+    if (tokenId >= this.engine.spec.vocabSize) return `<|virtual_${tokenId - this.engine.spec.vocabSize}|>`;
+    const bytes = this.tokenizer.tokenBytes(tokenId);
+    return bytes ? this.utf8.decode(bytes) : this.tokenizer.tokenString(tokenId);
+  }
+
+  tokenBytes(tokenId: number): number[] {
+    if (tokenId >= this.engine.spec.vocabSize) return [];
+    return Array.from(this.tokenizer.tokenBytes(tokenId) ?? []);
   }
 
   decode(tokenIds: number[]): string {
-    return this.tokenizer.decode(tokenIds.filter((id) => id < this.tokenizer.vocabSize));
+    return this.tokenizer.decode(
+      tokenIds.filter((id) => id < this.engine.spec.vocabSize),
+      { skipSpecialTokens: true },
+    );
   }
+
+  private readonly utf8 = new TextDecoder("utf-8");
 
   hasTask(name: string): boolean {
     return this.tasks?.has(name) ?? false;

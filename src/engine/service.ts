@@ -38,6 +38,7 @@ export interface TaskSummary {
   name: string;
   /** e.g. ["prompt_template", "prompt_tuning", "lora"] */
   kinds: string[];
+  /** Unix seconds. */
   createdAt: number;
   version: number;
 }
@@ -61,10 +62,14 @@ export interface GenerationService {
   readonly contextLength: number;
   /** Resolves the task (loading it on demand), renders the prompt, queues the sequence. Throws TaskmuxError. */
   generate(input: GenerationInput, signal?: AbortSignal): Promise<GenerationHandle>;
-  /** Raw vocabulary string of a token (logprobs `tokens`). */
+  /** A token's own text as OpenAI/vLLM report it in logprobs (` the`, not `Ġthe`); bytes of a split
+   * character show as U+FFFD; virtual tokens show as `<|virtual_n|>`. */
   tokenText(tokenId: number): string;
-  /** Text of a token as it appears in the output (for text_offset and echo). */
+  /** The exact bytes a token contributes to the output (chat logprobs `bytes`); [] for special/virtual. */
+  tokenBytes(tokenId: number): number[];
+  /** Text of tokens as it appears in the output: special and virtual tokens are skipped. */
   decode(tokenIds: number[]): string;
+  /** True for loaded tasks and for tasks a request would load on demand from the task roots. */
   hasTask(name: string): boolean;
   listTasks(): TaskSummary[];
   /** Readiness: model loaded and admitting. */

@@ -31,7 +31,10 @@ export class RegistryTaskProvider implements TaskProvider {
   }
 
   has(name: string): boolean {
-    return this.registry.has(name);
+    return (
+      this.registry.has(name) ||
+      (this.store.locate(name) !== null && this.store.tombstoneOf(name) === undefined)
+    );
   }
 
   list(): TaskSummary[] {
