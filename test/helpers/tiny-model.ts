@@ -2,8 +2,12 @@
 import { existsSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { AdapterResidency } from "../../src/adapters/residency.ts";
+import { TaskRegistry } from "../../src/adapters/registry.ts";
+import { TaskStore } from "../../src/adapters/task-store.ts";
 import { Engine, type EngineOptions } from "../../src/engine/engine.ts";
-import { EngineGenerationService, type TaskProvider } from "../../src/engine/generation-service.ts";
+import { EngineGenerationService } from "../../src/engine/generation-service.ts";
+import { RegistryTaskProvider } from "../../src/engine/tasks.ts";
 import { type LoadedModel, loadModel } from "../../src/model/load-model.ts";
 import { makeModel, type PresetName } from "../../src/model/maker/make-model.ts";
 
@@ -21,13 +25,13 @@ export function madeModelDir(preset: PresetName = "tiny", seed = 7): string {
 
 export const TEST_CACHE_DIR = join(ROOT, "graph-cache");
 
-export async function loadTestModel(dir = madeModelDir(), inProcess = true): Promise<LoadedModel> {
+export async function loadTestModel(dir = madeModelDir(), inProcess = true, slots = 4): Promise<LoadedModel> {
   return loadModel({
     modelDir: dir,
     cacheDir: TEST_CACHE_DIR,
     threads: 1,
     inProcess,
-    pools: { loraSlots: 4, maxLoraRank: 8, ia3Slots: 4, bottleneckSlots: 4, maxBottleneckSize: 8 },
+    pools: { loraSlots: slots, maxLoraRank: 8, ia3Slots: slots, bottleneckSlots: slots, maxBottleneckSize: 8 },
   });
 }
 
@@ -35,13 +39,22 @@ export interface TestStack {
   model: LoadedModel;
   engine: Engine;
   service: EngineGenerationService;
+  /** Present when `taskRoots` were given. */
+  tasks: { registry: TaskRegistry; store: TaskStore; residency: AdapterResidency; provider: RegistryTaskProvider } | null;
   dispose: () => Promise<void>;
 }
 
-export async function startTestStack(
-  options: Partial<EngineOptions> & { dir?: string; tasks?: TaskProvider | null; inProcess?: boolean } = {},
-): Promise<TestStack> {
-  const model = await loadTestModel(options.dir, options.inProcess ?? true);
+export interface TestStackOptions extends Partial<EngineOptions> {
+  dir?: string;
+  inProcess?: boolean;
+  /** Task roots (prompt-tables/, adapters/ style folders); none = base model only. */
+  taskRoots?: string[];
+  /** Pool slots per PEFT kind (default 4). */
+  residentSlots?: number;
+}
+
+export async function startTestStack(options: TestStackOptions = {}): Promise<TestStack> {
+  const model = await loadTestModel(options.dir, options.inProcess ?? true, options.residentSlots ?? 4);
   const engine = new Engine(
     model.info.spec,
     model.tokenizer,
@@ -54,10 +67,20 @@ export async function startTestStack(
     },
     model.tokenizer.eosIds,
   );
-  const service = new EngineGenerationService(engine, model.tokenizer, options.tasks ?? null, {
+  let tasks: TestStack["tasks"] = null;
+  if (options.taskRoots) {
+    const spec = model.info.spec;
+    const registry = new TaskRegistry();
+    const store = new TaskStore(registry, spec, { roots: options.taskRoots, maxLoraRank: 8, maxBottleneckSize: 8 });
+    const slots = options.residentSlots ?? 4;
+    const residency = new AdapterResidency(model.backend, { lora: slots, ia3: slots, bottleneck: slots });
+    const provider = new RegistryTaskProvider(registry, store, residency, model.tokenizer, spec);
+    tasks = { registry, store, residency, provider };
+  }
+  const service = new EngineGenerationService(engine, model.tokenizer, tasks?.provider ?? null, {
     modelId: "tiny",
     generation: model.info.generation,
     requestTimeoutMs: 60_000,
   });
-  return { model, engine, service, dispose: () => engine.dispose() };
+  return { model, engine, service, tasks, dispose: () => engine.dispose() };
 }
