@@ -21,6 +21,8 @@ export interface LoadResult {
   promptTokens: number;
   ttftMs: number[];
   itlMs: number[];
+  /** Per request: tokens after the first / time from first to last token (a stream's decode rate). */
+  decodeRates: number[];
   errors: number;
   requests: number;
 }
@@ -52,6 +54,8 @@ async function oneRequest(
     return;
   }
   let last = 0;
+  let first = 0;
+  let chunks = 0;
   let buffer = "";
   for await (const chunk of body) {
     buffer += chunk.toString();
@@ -73,12 +77,16 @@ async function oneRequest(
       }
       if (data.choices?.length) {
         const now = performance.now();
-        if (last === 0) result.ttftMs.push(now - started);
-        else result.itlMs.push(now - last);
+        if (last === 0) {
+          result.ttftMs.push(now - started);
+          first = now;
+        } else result.itlMs.push(now - last);
         last = now;
+        chunks++;
       }
     }
   }
+  if (chunks > 1) result.decodeRates.push((chunks - 1) / ((last - first) / 1000));
   result.requests++;
 }
 
@@ -89,6 +97,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
     promptTokens: 0,
     ttftMs: [],
     itlMs: [],
+    decodeRates: [],
     errors: 0,
     requests: 0,
   };

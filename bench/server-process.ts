@@ -72,7 +72,7 @@ export async function startServer(
     },
     stop: () =>
       new Promise<void>((resolve) => {
-        if (child.exitCode !== null) return resolve();
+        if (child.exitCode !== null || child.signalCode !== null) return resolve();
         const timer = setTimeout(() => child.kill("SIGKILL"), 15_000);
         child.once("exit", () => {
           clearTimeout(timer);

@@ -18,7 +18,10 @@ interface LoggerState {
 }
 
 const state: LoggerState = {
-  level: (process.env.TASKMUX_LOG_LEVEL as LogLevel | undefined) ?? (process.env.CI ? "warn" : "info"),
+  // Quiet under CI and under `node --test` (which sets NODE_TEST_CONTEXT), where info lines would bury results.
+  level:
+    (process.env.TASKMUX_LOG_LEVEL as LogLevel | undefined) ??
+    (process.env.CI || process.env.NODE_TEST_CONTEXT ? "warn" : "info"),
   format: process.stdout.isTTY ? "pretty" : "json",
 };
 

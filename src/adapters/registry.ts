@@ -61,13 +61,16 @@ export class TaskRegistry {
   private readonly entries = new Map<string, Entry>();
   private readonly holds = new Map<number, { ref: TaskRef; count: number; retired: boolean }>();
   private nextId = 1;
+  /** Last version number of names removed from `entries`: versions keep counting up across unload/reload. */
+  private readonly removedVersions = new Map<string, number>();
   /** Called once a retired version has no holder left: its memory (pool slots) may be freed. */
   onFree: (ref: TaskRef) => void = () => {};
 
   private entry(name: string): Entry {
     let e = this.entries.get(name);
     if (!e) {
-      e = { current: null, status: "loading", error: null, lastUsedAt: null, lastVersion: 0 };
+      const lastVersion = this.removedVersions.get(name) ?? 0;
+      e = { current: null, status: "loading", error: null, lastUsedAt: null, lastVersion };
       this.entries.set(name, e);
     }
     return e;
@@ -117,6 +120,7 @@ export class TaskRegistry {
     const e = this.entries.get(name);
     if (!e) return false;
     this.entries.delete(name);
+    this.removedVersions.set(name, e.lastVersion);
     if (e.current) {
       log.info("task removed", { task: name, version: e.current.version });
       this.retire(e.current);

@@ -1,15 +1,18 @@
 /**
  * @module adapters/task-store — finds task folders in the task roots and loads them into the registry:
  * at start-up (every folder), on demand (a request names a task not loaded yet; concurrent requests share
- * one load) and explicitly (admin API, watcher). A folder that fails validation never replaces a serving
- * version. Paths are resolved with realpath and must stay inside a root (symlinks out are refused).
+ * one load), explicitly (admin API) and when a folder changes (watcher.ts calls syncFolder). A folder that
+ * fails validation never replaces a serving version. Paths are resolved with realpath and must stay inside a
+ * root (symlinks out are refused). Each name remembers the folder signature it last acted on, so the watcher
+ * reacts to changes only, and an unloaded task stays unloaded until its folder changes (tombstones).
  */
-import { existsSync, readdirSync, realpathSync, statSync } from "node:fs";
-import { basename, join, relative, resolve, sep } from "node:path";
+import { randomBytes } from "node:crypto";
+import { existsSync, lstatSync, readdirSync, realpathSync, renameSync, rmSync, statSync } from "node:fs";
+import { basename, isAbsolute, join, relative, resolve, sep } from "node:path";
 import { TaskmuxError } from "../errors.ts";
 import { createLogger } from "../log.ts";
 import type { ModelSpec } from "../model/model-spec.ts";
-import { loadTaskFolder } from "./formats/task-folder.ts";
+import { loadTaskFolder, type TaskParts } from "./formats/task-folder.ts";
 import type { TaskRef, TaskRegistry } from "./registry.ts";
 
 const log = createLogger({ module: "task-store" });
@@ -20,16 +23,54 @@ export function isValidTaskName(name: string): boolean {
   return TASK_NAME.test(name) && !name.startsWith(".");
 }
 
+/**
+ * What a folder looks like now, as one string (null: no such directory): the directory's inode and each
+ * entry's name, size, mtime and inode. Any write, rename, exchange or retargeted symlink changes it.
+ */
+export function folderSignature(dir: string): string | null {
+  try {
+    const st = statSync(dir);
+    if (!st.isDirectory()) return null;
+    const parts = [`${st.dev}:${st.ino}`];
+    for (const entry of readdirSync(dir).sort()) {
+      const s = statSync(join(dir, entry), { throwIfNoEntry: false });
+      if (s) parts.push(`${entry}:${s.size}:${s.mtimeMs}:${s.ino}`);
+    }
+    return parts.join("|");
+  } catch {
+    return null;
+  }
+}
+
+const isInside = (root: string, path: string): boolean => {
+  const rel = relative(root, path);
+  return rel !== "" && rel !== ".." && !rel.startsWith(`..${sep}`) && !isAbsolute(rel);
+};
+
+const outsideRoots = (path: string) =>
+  new TaskmuxError("invalid_request", `path ${JSON.stringify(path)} resolves outside the task roots`, {
+    param: "path",
+  });
+
 export interface TaskStoreOptions {
   roots: string[];
   maxLoraRank: number;
   maxBottleneckSize: number;
 }
 
+/** What syncFolder did: nothing changed, (re)loaded, rejected, unloaded, kept unloaded, or saw a folder still being written. */
+export type FolderSync = "unchanged" | "loaded" | "failed" | "removed" | "tombstoned" | "unsettled";
+
 export class TaskStore {
   private readonly inFlight = new Map<string, Promise<TaskRef>>();
-  /** Tasks removed through the API: not reloaded (watcher, on demand) until their folder changes. */
-  private readonly tombstones = new Map<string, string>();
+  /** Tasks unloaded through the API -> their folder's signature then: not reloaded until it changes. */
+  private readonly tombstones = new Map<string, string | null>();
+  /** The signature of `<root>/<name>` when this store last loaded, failed or unloaded it. */
+  private readonly seen = new Map<string, string | null>();
+  /** Names whose serving version came from their own folder (unloaded when that folder disappears). */
+  private readonly folderBacked = new Set<string>();
+  /** The last rejection per name and the signature it was for (on-demand loads do not re-parse it). */
+  private readonly failures = new Map<string, { signature: string | null; error: TaskmuxError }>();
   readonly roots: string[];
 
   constructor(
@@ -40,24 +81,17 @@ export class TaskStore {
     this.roots = options.roots.map((r) => resolve(r));
   }
 
-  /** Resolve a path (absolute, or relative to a root) to a real directory inside a root, or throw. */
+  /** Resolve a path (absolute, or relative to a root) to a real directory inside a root, or throw (400). */
   resolveInsideRoots(path: string): string {
-    const candidates = path.startsWith("/") ? [path] : this.roots.map((r) => join(r, path));
-    for (const candidate of candidates) {
+    const candidates = isAbsolute(path) ? [resolve(path)] : this.roots.map((r) => resolve(r, path));
+    const realRoots = this.roots.filter((r) => existsSync(r)).map((r) => realpathSync(r));
+    // Lexical check first: `../../etc` is refused without looking at the filesystem.
+    const lexical = candidates.filter((c) => [...this.roots, ...realRoots].some((root) => isInside(root, c)));
+    if (lexical.length === 0) throw outsideRoots(path);
+    for (const candidate of lexical) {
       if (!existsSync(candidate)) continue;
       const real = realpathSync(candidate);
-      const insideRoot = this.roots.some((root) => {
-        if (!existsSync(root)) return false;
-        const rel = relative(realpathSync(root), real);
-        return rel !== "" && !rel.startsWith("..") && !rel.startsWith(sep) && !rel.includes(`..${sep}`);
-      });
-      if (!insideRoot) {
-        throw new TaskmuxError(
-          "invalid_request",
-          `path ${JSON.stringify(path)} resolves outside the task roots`,
-          { param: "path" },
-        );
-      }
+      if (!realRoots.some((root) => isInside(root, real))) throw outsideRoots(path);
       if (!statSync(real).isDirectory()) {
         throw new TaskmuxError("invalid_request", `path ${JSON.stringify(path)} is not a task folder`, {
           param: "path",
@@ -75,7 +109,7 @@ export class TaskStore {
     if (!isValidTaskName(name)) return null;
     for (const root of this.roots) {
       const dir = join(root, name);
-      if (existsSync(dir)) {
+      if (lstatSync(dir, { throwIfNoEntry: false })) {
         try {
           return this.resolveInsideRoots(dir);
         } catch {
@@ -86,27 +120,39 @@ export class TaskStore {
     return null;
   }
 
+  /** The signature of the folder `name` refers to now (null: none, or it resolves outside the roots). */
+  signatureOf(name: string): string | null {
+    const dir = this.locate(name);
+    return dir ? folderSignature(dir) : null;
+  }
+
+  /** The signature this store last acted on for `name` (null: no folder, or never seen). */
+  seenSignature(name: string): string | null {
+    return this.seen.get(name) ?? null;
+  }
+
+  /** Names with a folder in some root (valid names only) and names this store has acted on. */
+  knownNames(): string[] {
+    const names = new Set<string>([...this.seen.keys(), ...this.folderBacked]);
+    for (const root of this.roots) {
+      if (!existsSync(root)) continue;
+      for (const entry of readdirSync(root, { withFileTypes: true })) {
+        if (isValidTaskName(entry.name) && (entry.isDirectory() || entry.isSymbolicLink()))
+          names.add(entry.name);
+      }
+    }
+    return [...names].sort();
+  }
+
   /** Load (or replace) `name` from `dir`; publishes only a fully valid version. */
   load(name: string, dir: string): TaskRef {
-    this.tombstones.delete(name);
+    const signature = this.signatureOf(name);
     this.registry.markLoading(name);
     const started = performance.now();
     try {
-      const parts = loadTaskFolder(dir, this.spec, this.options);
-      const ref = this.registry.publish(name, parts, dir);
-      log.info("task loaded", {
-        task: name,
-        version: ref.version,
-        kinds: ref.kinds.join(","),
-        ms: Math.round(performance.now() - started),
-      });
-      return ref;
+      return this.publish(name, loadTaskFolder(dir, this.spec, this.options), dir, signature, started);
     } catch (error) {
-      const reason = (error as Error).message;
-      this.registry.fail(name, reason);
-      log.warn("task failed to load", { task: name, dir, reason });
-      if (error instanceof TaskmuxError) throw error;
-      throw new TaskmuxError("adapter_load_failed", `task ${name}: ${reason}`, { cause: error });
+      throw this.rejected(name, dir, error, signature);
     }
   }
 
@@ -114,19 +160,14 @@ export class TaskStore {
   loadAll(): { loaded: string[]; failed: string[] } {
     const loaded: string[] = [];
     const failed: string[] = [];
-    for (const root of this.roots) {
-      if (!existsSync(root)) continue;
-      for (const entry of readdirSync(root, { withFileTypes: true })) {
-        if (!isValidTaskName(entry.name) || !(entry.isDirectory() || entry.isSymbolicLink())) continue;
-        if (this.registry.has(entry.name)) continue;
-        const dir = this.locate(entry.name);
-        if (!dir) continue;
-        try {
-          this.load(entry.name, dir);
-          loaded.push(entry.name);
-        } catch {
-          failed.push(entry.name);
-        }
+    for (const name of this.knownNames()) {
+      const dir = this.locate(name);
+      if (!dir || this.registry.has(name) || this.isTombstoned(name)) continue;
+      try {
+        this.load(name, dir);
+        loaded.push(name);
+      } catch {
+        failed.push(name);
       }
     }
     return { loaded, failed };
@@ -137,13 +178,15 @@ export class TaskStore {
     const pending = this.inFlight.get(name);
     if (pending) return pending;
     const dir = this.locate(name);
-    if (!dir || this.tombstones.has(name)) {
+    if (!dir || this.isTombstoned(name)) {
       return Promise.reject(
         new TaskmuxError("task_not_found", `task ${JSON.stringify(name)} does not exist`, {
           param: "X-Task",
         }),
       );
     }
+    const failure = this.failures.get(name);
+    if (failure && failure.signature === folderSignature(dir)) return Promise.reject(failure.error);
     const promise = Promise.resolve()
       .then(() => this.load(name, dir))
       .finally(() => this.inFlight.delete(name));
@@ -151,14 +194,90 @@ export class TaskStore {
     return promise;
   }
 
+  /**
+   * Bring `name` in line with its folder (the watcher's one operation): load it when the folder is new or
+   * changed, unload it when the folder is gone, leave it when nothing changed or it was unloaded explicitly.
+   * A folder that changes while being parsed is "unsettled" (nothing recorded; try again later).
+   */
+  syncFolder(name: string): FolderSync {
+    const dir = this.locate(name);
+    const signature = dir ? folderSignature(dir) : null;
+    if (signature === this.seenSignature(name)) return "unchanged";
+    if (dir === null || signature === null) {
+      this.folderGone(name);
+      return "removed";
+    }
+    if (this.tombstones.has(name) && this.tombstones.get(name) === signature) {
+      this.seen.set(name, signature);
+      return "tombstoned";
+    }
+    const started = performance.now();
+    let parts: TaskParts;
+    try {
+      parts = loadTaskFolder(dir, this.spec, this.options);
+    } catch (error) {
+      if (folderSignature(dir) !== signature) return "unsettled";
+      this.rejected(name, dir, error, signature);
+      return "failed";
+    }
+    if (folderSignature(dir) !== signature) return "unsettled";
+    this.publish(name, parts, dir, signature, started);
+    return "loaded";
+  }
+
+  /** Where a folder for `name` is installed: the root that holds one already, else the first root. */
+  installRoot(name: string): string {
+    return (
+      this.roots.find((root) => lstatSync(join(root, name), { throwIfNoEntry: false })) ?? this.roots[0]!
+    );
+  }
+
+  /**
+   * Validate the folder `staged` (named `name`, on the same filesystem as `root`), move it into place as
+   * `<root>/<name>` — the old folder is renamed aside first, then removed — and publish it.
+   */
+  install(name: string, staged: string, root = this.installRoot(name)): TaskRef {
+    const started = performance.now();
+    let parts: TaskParts;
+    try {
+      parts = loadTaskFolder(staged, this.spec, this.options);
+    } catch (error) {
+      throw this.rejected(name, staged, error, this.signatureOf(name));
+    }
+    const target = join(root, name);
+    if (lstatSync(target, { throwIfNoEntry: false })) {
+      const aside = join(root, `.replaced-${name}-${randomBytes(4).toString("hex")}`);
+      renameSync(target, aside);
+      try {
+        renameSync(staged, target);
+      } catch (error) {
+        renameSync(aside, target);
+        throw error;
+      }
+      rmSync(aside, { recursive: true, force: true });
+    } else {
+      renameSync(staged, target);
+    }
+    return this.publish(name, parts, realpathSync(target), this.signatureOf(name), started);
+  }
+
   /** Unload: stop serving at once; remember not to bring it back until its folder changes. */
-  unload(name: string, folderSignature = ""): boolean {
-    this.tombstones.set(name, folderSignature);
+  unload(name: string): boolean {
+    const signature = this.signatureOf(name);
+    this.tombstones.set(name, signature);
+    this.seen.set(name, signature);
+    this.folderBacked.delete(name);
+    this.failures.delete(name);
     return this.registry.remove(name);
   }
 
-  tombstoneOf(name: string): string | undefined {
-    return this.tombstones.get(name);
+  /** The tombstone of a task unloaded through the API, while its folder is unchanged (else undefined). */
+  tombstoneOf(name: string): string | null | undefined {
+    return this.isTombstoned(name) ? this.tombstones.get(name) : undefined;
+  }
+
+  isTombstoned(name: string): boolean {
+    return this.tombstones.has(name) && this.tombstones.get(name) === this.signatureOf(name);
   }
 
   clearTombstone(name: string): void {
@@ -167,5 +286,57 @@ export class TaskStore {
 
   static nameOf(dir: string): string {
     return basename(dir);
+  }
+
+  private publish(
+    name: string,
+    parts: TaskParts,
+    source: string,
+    signature: string | null,
+    startedMs: number,
+  ): TaskRef {
+    this.tombstones.delete(name);
+    this.failures.delete(name);
+    this.seen.set(name, signature);
+    const ref = this.registry.publish(name, parts, source);
+    if (source === this.locate(name)) this.folderBacked.add(name);
+    else this.folderBacked.delete(name);
+    log.info("task loaded", {
+      task: name,
+      version: ref.version,
+      kinds: ref.kinds.join(","),
+      source,
+      ms: Math.round(performance.now() - startedMs),
+    });
+    return ref;
+  }
+
+  /** Record a rejected load (the serving version, if any, stays) and return it as a typed error. */
+  private rejected(name: string, dir: string, error: unknown, signature: string | null): TaskmuxError {
+    const reason = (error as Error).message;
+    const typed =
+      error instanceof TaskmuxError
+        ? error
+        : new TaskmuxError("adapter_load_failed", `task ${name}: ${reason}`, { cause: error });
+    this.seen.set(name, signature);
+    this.failures.set(name, { signature, error: typed });
+    this.registry.fail(name, reason);
+    log.warn("task failed to load", { task: name, dir, reason });
+    return typed;
+  }
+
+  /** The folder of `name` disappeared (or now resolves outside the roots): unload what it served. */
+  private folderGone(name: string): void {
+    this.seen.delete(name);
+    this.failures.delete(name);
+    const outside = this.roots.some((root) => lstatSync(join(root, name), { throwIfNoEntry: false }));
+    if (outside) log.warn("task folder resolves outside the task roots; not followed", { task: name });
+    if (this.registry.current(name) === null) {
+      this.registry.remove(name);
+      return;
+    }
+    if (!this.folderBacked.delete(name)) return;
+    log.info("task folder removed; unloading", { task: name });
+    this.registry.remove(name);
   }
 }

@@ -22,6 +22,8 @@ const log = createLogger({ module: "engine" });
 
 export interface EngineOptions extends SchedulerOptions {
   kvCacheBytes: number;
+  /** Longest prompt accepted, in tokens; 0 or absent = the context window. */
+  maxPromptTokens?: number;
 }
 
 export interface GenerateRequest {
@@ -55,6 +57,10 @@ export class Engine {
   private stopped = false;
   private admitting = true;
   private readonly eosIds: Set<number>;
+  /** Longest prompt admitted (--max-prompt-tokens, or the context window). */
+  readonly maxPromptTokens: number;
+  /** seq id → the timer that ends it at its deadline, even while it waits or the loop sleeps */
+  private readonly deadlineTimers = new Map<number, NodeJS.Timeout>();
 
   constructor(
     readonly spec: ModelSpec,
@@ -67,6 +73,7 @@ export class Engine {
     this.kv = new KvCacheAccount({ capacityBytes: options.kvCacheBytes, bytesPerToken });
     this.scheduler = new Scheduler<Sequence>(options, this.kv);
     this.eosIds = new Set(eosIds);
+    this.maxPromptTokens = options.maxPromptTokens || spec.maxPositionEmbeddings;
   }
 
   get contextLength(): number {
@@ -121,6 +128,7 @@ export class Engine {
     seq.prefixLength = request.prefix?.length ?? 0;
     this.scheduler.add(seq);
     this.sequences.set(id, seq);
+    this.armDeadline(seq);
     this.stats.requestQueued();
     if (request.prefix) {
       // The worker handles messages in order, so the prefix is in place before this sequence's first step.
@@ -144,6 +152,13 @@ export class Engine {
   private validate(request: GenerateRequest): void {
     const n = request.promptTokens.length;
     if (n === 0) throw invalidRequest("the prompt is empty: it must contain at least one token", "prompt");
+    // Below the context window only: a longer prompt gets the message that names prompt and max_tokens.
+    if (n > this.maxPromptTokens && this.maxPromptTokens < this.contextLength) {
+      throw invalidRequest(
+        `prompt (${n} tokens) exceeds the limit of ${this.maxPromptTokens} prompt tokens`,
+        "prompt",
+      );
+    }
     const total = (request.prefix?.length ?? 0) + n + request.params.maxTokens;
     if (total > this.contextLength) {
       throw invalidRequest(
@@ -172,6 +187,23 @@ export class Engine {
     this.kick();
   }
 
+  /**
+   * The step loop checks deadlines only between steps, and sleeps when nothing is schedulable: a timer ends a
+   * sequence at its deadline wherever it is (a waiting one at once, a running one at the next step boundary).
+   */
+  private armDeadline(seq: Sequence): void {
+    const { deadlineMs } = seq.params;
+    if (deadlineMs === null) return;
+    const timer = setTimeout(() => {
+      if (seq.status === "finished") return;
+      seq.pendingFinish ??= "length";
+      if (!this.scheduler.isRunning(seq)) this.finish(seq, seq.pendingFinish);
+      this.kick();
+    }, deadlineMs);
+    timer.unref();
+    this.deadlineTimers.set(seq.id, timer);
+  }
+
   private kick(): void {
     this.wake?.();
     this.wake = null;
@@ -184,19 +216,27 @@ export class Engine {
   private async loop(): Promise<void> {
     try {
       while (!this.stopped) {
-        this.applyPendingFinishes();
-        const step = this.scheduler.schedule();
-        if (!step) {
-          await new Promise<void>((resolve) => {
-            this.wake = resolve;
-          });
-          continue;
-        }
-        await this.runStep(step);
+        if (await this.stepOnce()) continue;
+        await new Promise<void>((resolve) => {
+          this.wake = resolve;
+        });
       }
     } finally {
       this.loopRunning = false;
     }
+  }
+
+  /**
+   * Schedules and runs one step; false when there is nothing to run. A frame of its own, so the loop's frame,
+   * suspended while idle, holds no stale reference to the last step's sequences (and through them their task
+   * version's weights) — V8 keeps a suspended async function's whole register file.
+   */
+  private async stepOnce(): Promise<boolean> {
+    this.applyPendingFinishes();
+    const step = this.scheduler.schedule();
+    if (!step) return false;
+    await this.runStep(step);
+    return true;
   }
 
   private applyPendingFinishes(): void {
@@ -301,7 +341,8 @@ export class Engine {
       const tokenId = seq.promptTokens[next]!;
       entries.push({
         tokenId,
-        logprob: lsm[tokenId]!,
+        // Virtual (soft-prompt) tokens are not in the vocabulary: they have no logprob.
+        logprob: tokenId < this.spec.vocabSize ? lsm[tokenId]! : null,
         topLogprobs: topLogprobs(lsm, seq.params.promptLogprobs ?? 0),
       });
     }
@@ -366,6 +407,8 @@ export class Engine {
     this.scheduler.remove(seq);
     this.sequences.delete(seq.id);
     this.promptScores.delete(seq.id);
+    clearTimeout(this.deadlineTimers.get(seq.id));
+    this.deadlineTimers.delete(seq.id);
     this.backend.release([seq.id]);
     seq.release();
   }

@@ -35,8 +35,16 @@ export interface TaskProvider {
   /** Loaded, or loadable on demand from the task roots. */
   has(name: string): boolean;
   list(): TaskSummary[];
-  /** Render the prompt for `name`; throws task_not_found / invalid_request. */
-  prepare(name: string, prompt: PromptInput, fields: Record<string, string>): Promise<PreparedTask>;
+  /**
+   * Render the prompt for `name`; throws task_not_found / invalid_request. `promptBudget` is the most
+   * prompt tokens the request leaves room for (a task's truncate_field is cut to fit it).
+   */
+  prepare(
+    name: string,
+    prompt: PromptInput,
+    fields: Record<string, string>,
+    promptBudget: number,
+  ): Promise<PreparedTask>;
   residentAdapters(): string[];
   readonly maxResidentAdapters: number;
 }
@@ -93,7 +101,13 @@ export class EngineGenerationService implements GenerationService {
         throw new TaskmuxError("task_not_found", `task ${JSON.stringify(input.task)} does not exist`, {
           param: "X-Task",
         });
-      task = await this.tasks.prepare(input.task, input.prompt, input.fields ?? {});
+      const room = this.contextLength - Math.max(1, input.params.maxTokens ?? 1);
+      task = await this.tasks.prepare(
+        input.task,
+        input.prompt,
+        input.fields ?? {},
+        Math.min(room, this.engine.maxPromptTokens),
+      );
     }
     try {
       const promptTokens = task ? task.promptTokens : this.renderPrompt(input.prompt);

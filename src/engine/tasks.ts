@@ -65,7 +65,12 @@ export class RegistryTaskProvider implements TaskProvider {
     return loaded;
   }
 
-  async prepare(name: string, prompt: PromptInput, fields: Record<string, string>): Promise<PreparedTask> {
+  async prepare(
+    name: string,
+    prompt: PromptInput,
+    fields: Record<string, string>,
+    promptBudget: number,
+  ): Promise<PreparedTask> {
     const ref = await this.acquire(name);
     const pinned: AdapterPoolKind[] = [];
     let released = false;
@@ -81,7 +86,7 @@ export class RegistryTaskProvider implements TaskProvider {
       const promptTokens = renderTaskPrompt(this.tokenizer, parts.definition ?? null, prompt, fields, {
         vocabSize: this.spec.vocabSize,
         numVirtualTokens: parts.softPrompt?.numVirtualTokens ?? 0,
-        maxPromptTokens: this.spec.maxPositionEmbeddings - 1 - prefixLength,
+        maxPromptTokens: Math.min(promptBudget, this.spec.maxPositionEmbeddings - 1) - prefixLength,
       });
       const adapters: SequenceAdapters = {
         loraSlot: 0,
@@ -109,14 +114,7 @@ export class RegistryTaskProvider implements TaskProvider {
   }
 }
 
+/** task.json defaults are already parsed into the engine's names (only the fields the file set). */
 function taskDefaults(ref: TaskRef): Partial<GenerationParams> {
-  const d = ref.parts.definition?.defaults;
-  if (!d) return {};
-  const out: Partial<GenerationParams> = {};
-  if (d.temperature !== undefined) out.temperature = d.temperature;
-  if (d.topP !== undefined) out.topP = d.topP;
-  if (d.topK !== undefined) out.topK = d.topK;
-  if (d.maxTokens !== undefined) out.maxTokens = d.maxTokens;
-  if (d.stop !== undefined) out.stop = d.stop;
-  return out;
+  return { ...ref.parts.definition?.defaults };
 }

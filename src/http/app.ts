@@ -7,10 +7,12 @@ import { bodyLimit } from "hono/body-limit";
 import { requestId } from "hono/request-id";
 import type { GenerationService } from "../engine/service.ts";
 import { TaskmuxError } from "../errors.ts";
+import { accessLog, tallyingService } from "./access-log.ts";
 import { chatRoutes } from "./chat.ts";
 import { completionRoutes } from "./completions.ts";
 import type { AppEnv, HttpDeps, RouteModule } from "./deps.ts";
 import { errorResponse, methodNotAllowed, routeNotFound, toTaskmuxError } from "./errors.ts";
+import { ClientStreamLimit } from "./limits.ts";
 import { HttpMetrics } from "./metrics.ts";
 import { modelRoutes } from "./models.ts";
 import { opsRoutes } from "./ops.ts";
@@ -23,6 +25,8 @@ export interface AppOptions {
   maxN?: number;
   /** Log prompt text at debug level (default false). */
   logPrompts?: boolean;
+  /** Generation requests in flight per client address (default 0 = unlimited); beyond it → 429. */
+  maxStreamsPerClient?: number;
   /** More route modules (e.g. admin.ts's), mounted after the built-in ones. */
   routes?: RouteModule[];
 }
@@ -40,7 +44,7 @@ const ROUTE_MODULES: readonly RouteModule[] = [completionRoutes, chatRoutes, mod
  */
 export function createApp(options: AppOptions): Hono<AppEnv> {
   const deps: HttpDeps = {
-    service: options.service,
+    service: tallyingService(options.service),
     bodyLimitBytes: options.bodyLimitBytes ?? DEFAULT_BODY_LIMIT_BYTES,
     maxN: options.maxN ?? DEFAULT_MAX_N,
     logPrompts: options.logPrompts ?? false,
@@ -49,7 +53,10 @@ export function createApp(options: AppOptions): Hono<AppEnv> {
   };
   const app = new Hono<AppEnv>();
   app.use(requestId());
+  app.use(accessLog());
   app.use(deps.metrics.middleware());
+  const streamLimit = new ClientStreamLimit(options.maxStreamsPerClient ?? 0);
+  for (const path of ["/v1/completions", "/v1/chat/completions"]) app.use(path, streamLimit.middleware());
   app.use(
     bodyLimit({
       maxSize: deps.bodyLimitBytes,

@@ -53,6 +53,16 @@ export function statusOf(error: TaskmuxError): ContentfulStatusCode {
 /** Anything thrown → a TaskmuxError; unknown errors become a generic `internal` (the stack is logged, not sent). */
 export function toTaskmuxError(error: unknown, requestId?: string): TaskmuxError {
   if (isTaskmuxError(error)) return error;
+  // The peer closed the connection while its body was being read (or the parser refused the rest of it):
+  // the client's doing, not a server fault, and nobody is left to read the answer.
+  if ((error as NodeJS.ErrnoException | undefined)?.code === "ECONNRESET") {
+    return new HttpLevelError(
+      "invalid_request",
+      "the client closed the connection mid-request",
+      400,
+      "client_closed",
+    );
+  }
   if (error instanceof HTTPException) {
     if (error.status === 413) return new TaskmuxError("payload_too_large", "request body is too large");
     if (error.status < 500)
@@ -104,6 +114,23 @@ export function invalidJson(reason: string): TaskmuxError {
     400,
     "invalid_json",
   );
+}
+
+/** A request Node's HTTP parser refused before it reached the app (see http/client-errors.ts). */
+export function malformedRequest(reason: string, status: 400 | 408 | 431 = 400): TaskmuxError {
+  const code =
+    status === 431 ? "headers_too_large" : status === 408 ? "request_timeout" : "malformed_request";
+  return new HttpLevelError("invalid_request", reason, status, code);
+}
+
+/** 401: an admin route without the right `Authorization: Bearer` token. */
+export function unauthorized(reason: string): TaskmuxError {
+  return new HttpLevelError("invalid_request", reason, 401, "unauthorized", { "WWW-Authenticate": "Bearer" });
+}
+
+/** 403: an admin route from a non-loopback client without a configured token, or a URL host not allow-listed. */
+export function forbidden(reason: string): TaskmuxError {
+  return new HttpLevelError("invalid_request", reason, 403, "forbidden");
 }
 
 export function notReady(): TaskmuxError {

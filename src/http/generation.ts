@@ -3,6 +3,7 @@
  * call, started concurrently under one AbortController, so a client disconnect or one choice failing cancels
  * the siblings; their events are merged in arrival order.
  */
+import { setMaxListeners } from "node:events";
 import type { EngineEvent } from "../engine/events.ts";
 import type { GenerationHandle, GenerationInput, GenerationService } from "../engine/service.ts";
 import { TaskmuxError } from "../errors.ts";
@@ -21,6 +22,8 @@ export class GenerationRun {
     private readonly inputs: readonly GenerationInput[],
     requestSignal: AbortSignal,
   ) {
+    // Each choice's sequence listens on the shared signal; n may exceed Node's default of 10 listeners.
+    setMaxListeners(inputs.length + 10, this.controller.signal);
     if (requestSignal.aborted) this.cancel();
     else requestSignal.addEventListener("abort", () => this.cancel(), { once: true });
   }

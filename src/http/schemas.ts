@@ -86,9 +86,18 @@ export const chatRequestSchema = z.object({
 });
 export type ChatRequest = z.infer<typeof chatRequestSchema>;
 
+/** Refuses invalid UTF-8 instead of replacing it with U+FFFD (the model would see text nobody sent). */
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
 /** Reads and parses the JSON body (the body limit was enforced by middleware before this runs). */
 export async function readJson(c: Context): Promise<unknown> {
-  const text = await c.req.text();
+  const bytes = await c.req.arrayBuffer();
+  let text: string;
+  try {
+    text = utf8.decode(bytes);
+  } catch {
+    throw invalidJson("the body is not valid UTF-8");
+  }
   if (text.trim() === "") throw invalidJson("the body is empty");
   try {
     return JSON.parse(text);

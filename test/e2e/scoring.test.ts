@@ -29,7 +29,10 @@ test("echo + logprobs + max_tokens 0 returns the reference's prompt logprobs (fi
   });
   assert.equal(res.status, 200);
   const body = (await res.json()) as {
-    choices: { text: string; logprobs: { tokens: string[]; token_logprobs: (number | null)[]; top_logprobs: unknown[] } }[];
+    choices: {
+      text: string;
+      logprobs: { tokens: string[]; token_logprobs: (number | null)[]; top_logprobs: unknown[] };
+    }[];
   };
   const choice = body.choices[0]!;
   assert.equal(choice.text, prompt);

@@ -5,8 +5,8 @@
  */
 import assert from "node:assert/strict";
 import { request } from "node:http";
-import { fileURLToPath } from "node:url";
 import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
 import OpenAI from "openai";
 import { type ServerHandle, startServer } from "../../bench/server-process.ts";
 import { madeModelDir, TEST_CACHE_DIR } from "../helpers/tiny-model.ts";
@@ -27,17 +27,36 @@ describe("the server end to end (default preset, worker thread)", () => {
     // The embedded default's shape, so the repository's example tasks fit it.
     const model = madeModelDir("default", 0);
     server = await startServer(
-      ["--model", model, "--cache-dir", TEST_CACHE_DIR, "--prompt-tables", `${REPO}prompt-tables`, "--adapters", `${REPO}adapters`],
+      [
+        "--model",
+        model,
+        "--cache-dir",
+        TEST_CACHE_DIR,
+        "--prompt-tables",
+        `${REPO}prompt-tables`,
+        "--adapters",
+        `${REPO}adapters`,
+      ],
       { readyTimeoutMs: 120_000 },
     );
-    client = new OpenAI({ baseURL: `${server.baseUrl}/v1`, apiKey: "unused", maxRetries: 0, timeout: 60_000 });
+    client = new OpenAI({
+      baseURL: `${server.baseUrl}/v1`,
+      apiKey: "unused",
+      maxRetries: 0,
+      timeout: 60_000,
+    });
   });
   after(async () => {
     await server?.stop();
   });
 
   test("completions, streaming and not, through the openai client", async () => {
-    const r = await client.completions.create({ model: "default", prompt: "Once upon a time", max_tokens: 16, temperature: 0 });
+    const r = await client.completions.create({
+      model: "default",
+      prompt: "Once upon a time",
+      max_tokens: 16,
+      temperature: 0,
+    });
     assert.equal(r.choices[0]!.finish_reason, "length");
     assert.equal(r.usage?.completion_tokens, 16);
     assert.ok(r.choices[0]!.text.length > 0);
@@ -67,21 +86,48 @@ describe("the server end to end (default preset, worker thread)", () => {
       defaultHeaders: { "X-Task": "lora-demo" },
     });
     const messages = [{ role: "user" as const, content: "Tell me a story" }];
-    const base = await client.chat.completions.create({ model: "default", messages, max_tokens: 8, temperature: 0, logprobs: true, top_logprobs: 2 });
-    const lora = await tasked.chat.completions.create({ model: "default", messages, max_tokens: 8, temperature: 0, logprobs: true });
+    const base = await client.chat.completions.create({
+      model: "default",
+      messages,
+      max_tokens: 8,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 2,
+    });
+    const lora = await tasked.chat.completions.create({
+      model: "default",
+      messages,
+      max_tokens: 8,
+      temperature: 0,
+      logprobs: true,
+    });
     assert.equal(base.choices[0]!.logprobs?.content?.length, base.usage?.completion_tokens);
     assert.equal(base.choices[0]!.logprobs?.content?.[0]?.top_logprobs.length, 2);
     // Random weights may emit the same unprintable bytes as text; compare the tokens' bytes.
     const bytesOf = (r: typeof base) => JSON.stringify(r.choices[0]!.logprobs?.content?.map((c) => c.bytes));
     assert.notEqual(bytesOf(lora), bytesOf(base), "the LoRA task generates other tokens than the base");
-    const streamed = await tasked.chat.completions.create({ model: "default", messages, max_tokens: 8, temperature: 0, stream: true });
+    const streamed = await tasked.chat.completions.create({
+      model: "default",
+      messages,
+      max_tokens: 8,
+      temperature: 0,
+      stream: true,
+    });
     let content = "";
     for await (const chunk of streamed) content += chunk.choices[0]?.delta?.content ?? "";
     assert.equal(content, lora.choices[0]!.message.content);
   });
 
   test("n: 3 with a fixed seed returns three completions, the same on a second call", async () => {
-    const ask = () => client.completions.create({ model: "default", prompt: "Hello", max_tokens: 8, n: 3, seed: 42, temperature: 1 });
+    const ask = () =>
+      client.completions.create({
+        model: "default",
+        prompt: "Hello",
+        max_tokens: 8,
+        n: 3,
+        seed: 42,
+        temperature: 1,
+      });
     const [a, b] = [await ask(), await ask()];
     assert.equal(a.choices.length, 3);
     assert.deepEqual(
@@ -94,7 +140,13 @@ describe("the server end to end (default preset, worker thread)", () => {
   test("/health answers within 50 ms while long generations are in flight", async () => {
     const prompt = "a b c d e f g h ".repeat(150);
     const load = Array.from({ length: 12 }, () =>
-      client.completions.create({ model: "default", prompt, max_tokens: 64, temperature: 0, ignore_eos: true } as never),
+      client.completions.create({
+        model: "default",
+        prompt,
+        max_tokens: 64,
+        temperature: 0,
+        ignore_eos: true,
+      } as never),
     );
     await new Promise((r) => setTimeout(r, 100));
     const latencies: number[] = [];
@@ -115,7 +167,13 @@ describe("the server end to end (default preset, worker thread)", () => {
     const url = new URL(`${server.baseUrl}/v1/completions`);
     await new Promise<void>((resolve, reject) => {
       const req = request(
-        { host: url.hostname, port: url.port, path: url.pathname, method: "POST", headers: { "content-type": "application/json" } },
+        {
+          host: url.hostname,
+          port: url.port,
+          path: url.pathname,
+          method: "POST",
+          headers: { "content-type": "application/json" },
+        },
         (res) => {
           res.once("data", () => {
             req.destroy();
@@ -124,7 +182,9 @@ describe("the server end to end (default preset, worker thread)", () => {
         },
       );
       req.on("error", (e) => ((e as NodeJS.ErrnoException).code === "ECONNRESET" ? resolve() : reject(e)));
-      req.end(JSON.stringify({ prompt: "Once", max_tokens: 1500, stream: true, ignore_eos: true, temperature: 0 }));
+      req.end(
+        JSON.stringify({ prompt: "Once", max_tokens: 1500, stream: true, ignore_eos: true, temperature: 0 }),
+      );
     });
     const deadline = Date.now() + 2000;
     let usage = Number.NaN;

@@ -5,6 +5,7 @@
 import type { AddressInfo } from "node:net";
 import { createAdaptorServer } from "@hono/node-server";
 import type { Hono } from "hono";
+import { installClientErrorHandler } from "../../src/http/client-errors.ts";
 
 // biome-ignore lint/suspicious/noExplicitAny: any Hono env
 type AnyHono = Hono<any, any, any>;
@@ -29,6 +30,7 @@ export async function withTimeout<T>(promise: Promise<T>, ms: number, what: stri
 
 export async function startServer(app: AnyHono, timeoutMs = 5000): Promise<TestServer> {
   const server = createAdaptorServer({ fetch: app.fetch, hostname: "127.0.0.1" });
+  installClientErrorHandler(server);
   await withTimeout(
     new Promise<void>((resolve, reject) => {
       server.once("error", reject);

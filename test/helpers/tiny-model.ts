@@ -2,8 +2,8 @@
 import { existsSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { AdapterResidency } from "../../src/adapters/residency.ts";
 import { TaskRegistry } from "../../src/adapters/registry.ts";
+import { AdapterResidency } from "../../src/adapters/residency.ts";
 import { TaskStore } from "../../src/adapters/task-store.ts";
 import { Engine, type EngineOptions } from "../../src/engine/engine.ts";
 import { EngineGenerationService } from "../../src/engine/generation-service.ts";
@@ -31,7 +31,13 @@ export async function loadTestModel(dir = madeModelDir(), inProcess = true, slot
     cacheDir: TEST_CACHE_DIR,
     threads: 1,
     inProcess,
-    pools: { loraSlots: slots, maxLoraRank: 8, ia3Slots: slots, bottleneckSlots: slots, maxBottleneckSize: 8 },
+    pools: {
+      loraSlots: slots,
+      maxLoraRank: 8,
+      ia3Slots: slots,
+      bottleneckSlots: slots,
+      maxBottleneckSize: 8,
+    },
   });
 }
 
@@ -40,7 +46,12 @@ export interface TestStack {
   engine: Engine;
   service: EngineGenerationService;
   /** Present when `taskRoots` were given. */
-  tasks: { registry: TaskRegistry; store: TaskStore; residency: AdapterResidency; provider: RegistryTaskProvider } | null;
+  tasks: {
+    registry: TaskRegistry;
+    store: TaskStore;
+    residency: AdapterResidency;
+    provider: RegistryTaskProvider;
+  } | null;
   dispose: () => Promise<void>;
 }
 
@@ -71,7 +82,11 @@ export async function startTestStack(options: TestStackOptions = {}): Promise<Te
   if (options.taskRoots) {
     const spec = model.info.spec;
     const registry = new TaskRegistry();
-    const store = new TaskStore(registry, spec, { roots: options.taskRoots, maxLoraRank: 8, maxBottleneckSize: 8 });
+    const store = new TaskStore(registry, spec, {
+      roots: options.taskRoots,
+      maxLoraRank: 8,
+      maxBottleneckSize: 8,
+    });
     const slots = options.residentSlots ?? 4;
     const residency = new AdapterResidency(model.backend, { lora: slots, ia3: slots, bottleneck: slots });
     const provider = new RegistryTaskProvider(registry, store, residency, model.tokenizer, spec);
