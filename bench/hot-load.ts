@@ -12,18 +12,18 @@
  *
  *   npm run bench:hot-load -- [--loads 20] [--rank 16] [--threads N] [--preset smollm2-135m]
  */
-import { existsSync, mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { availableParallelism, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
+import { loraTask, writeTaskFiles } from "../scripts/make-examples.ts";
 import { inspectCheckpoint } from "../src/model/checkpoint.ts";
-import { type Projection, projectionDims } from "../src/model/contract.ts";
-import { makeModel, PRESETS, type PresetName } from "../src/model/maker/make-model.ts";
+import type { Projection } from "../src/model/contract.ts";
+import { PRESETS, type PresetName } from "../src/model/maker/make-model.ts";
 import { makeRng } from "../src/model/maker/prng.ts";
-import type { ModelSpec } from "../src/model/model-spec.ts";
-import { serializeSafetensors } from "../src/model/safetensors.ts";
 import { percentile } from "./load.ts";
+import { ensureBenchModel } from "./models.ts";
 import { startServer } from "./server-process.ts";
 
 const BENCH_DIR = fileURLToPath(new URL(".", import.meta.url));
@@ -43,44 +43,6 @@ const numLoads = Number(values.loads);
 const rank = Number(values.rank);
 
 const log = (msg: string) => process.stderr.write(`[bench:hot-load] ${msg}\n`);
-
-function ensureModel(): string {
-  const dir = join(BENCH_DIR, ".models", `${preset}-seed0`);
-  if (!existsSync(join(dir, "config.json"))) {
-    log(`making the ${preset} model (deterministic, seed 0) in ${dir}`);
-    makeModel({ preset, seed: 0, out: dir });
-  }
-  return dir;
-}
-
-/** A PEFT LoRA folder as save_pretrained writes it: r = rank, alpha = 2r, on q, k, v, o of every layer. */
-function writeLora(dir: string, spec: ModelSpec, seed: number): number {
-  const rng = makeRng(seed);
-  const tensors: Record<string, { shape: number[]; data: Float32Array }> = {};
-  for (let layer = 0; layer < spec.numLayers; layer++) {
-    for (const p of TARGETS) {
-      const { inDim, outDim } = projectionDims(spec, p);
-      const key = `base_model.model.model.layers.${layer}.self_attn.${p}`;
-      tensors[`${key}.lora_A.weight`] = {
-        shape: [rank, inDim],
-        data: rng.normals(rank * inDim, 1 / Math.sqrt(inDim)),
-      };
-      tensors[`${key}.lora_B.weight`] = { shape: [outDim, rank], data: rng.normals(outDim * rank, 0.02) };
-    }
-  }
-  const weights = serializeSafetensors(tensors);
-  mkdirSync(dir, { recursive: true });
-  const config = {
-    peft_type: "LORA",
-    task_type: "CAUSAL_LM",
-    r: rank,
-    lora_alpha: 2 * rank,
-    target_modules: TARGETS,
-  };
-  writeFileSync(join(dir, "adapter_config.json"), JSON.stringify(config, null, 2));
-  writeFileSync(join(dir, "adapter_model.safetensors"), weights);
-  return weights.length;
-}
 
 async function firstOk(baseUrl: string, name: string): Promise<number> {
   for (let attempt = 1; ; attempt++) {
@@ -107,7 +69,7 @@ async function untilReady(baseUrl: string, name: string): Promise<void> {
 }
 
 async function main() {
-  const modelDir = ensureModel();
+  const modelDir = ensureBenchModel(preset, log);
   const { spec } = inspectCheckpoint(modelDir);
   const work = mkdtempSync(join(tmpdir(), "taskmux-hot-load-"));
   const adapters = join(work, "adapters");
@@ -118,7 +80,10 @@ async function main() {
   let adapterBytes = 0;
   for (const mode of modes)
     for (let i = 0; i < numLoads; i++)
-      adapterBytes = writeLora(join(adapters, `.tmp-${mode}-${i}`), spec, 1000 + i);
+      adapterBytes = writeTaskFiles(
+        join(adapters, `.tmp-${mode}-${i}`),
+        loraTask(spec, makeRng(1000 + i), modelDir, rank, TARGETS),
+      );
   log(
     `${2 * numLoads} LoRA folders of ${(adapterBytes / 2 ** 20).toFixed(1)} MiB written; starting the server`,
   );

@@ -17,19 +17,27 @@ import { serializeSafetensors } from "../src/model/safetensors.ts";
 type Tensors = Record<string, { shape: number[]; data: Float32Array }>;
 type Files = Record<string, Tensors | Record<string, unknown>>;
 
+/** Write a task folder's files into `dir` (created); returns the bytes written. */
+export function writeTaskFiles(dir: string, files: Files): number {
+  mkdirSync(dir, { recursive: true });
+  let bytes = 0;
+  for (const [file, content] of Object.entries(files)) {
+    const data = file.endsWith(".safetensors")
+      ? serializeSafetensors(content as Tensors)
+      : `${JSON.stringify(content, null, 2)}\n`;
+    writeFileSync(join(dir, file), data);
+    bytes += data.length;
+  }
+  return bytes;
+}
+
 /** Write `root/name/` atomically: fill `root/.tmp-name/`, then rename it over the old folder. */
-function publish(root: string, name: string, files: Files): string {
+export function publish(root: string, name: string, files: Files): string {
   mkdirSync(root, { recursive: true });
   const tmp = join(root, `.tmp-${name}`);
   const dest = join(root, name);
   rmSync(tmp, { recursive: true, force: true });
-  mkdirSync(tmp);
-  for (const [file, content] of Object.entries(files)) {
-    const bytes = file.endsWith(".safetensors")
-      ? serializeSafetensors(content as Tensors)
-      : `${JSON.stringify(content, null, 2)}\n`;
-    writeFileSync(join(tmp, file), bytes);
-  }
+  writeTaskFiles(tmp, files);
   rmSync(dest, { recursive: true, force: true });
   renameSync(tmp, dest);
   return dest;
@@ -89,6 +97,21 @@ function summarize(spec: ModelSpec, rng: Rng, modelDir: string): Files {
   };
 }
 
+/** A plain PEFT PROMPT_TUNING folder (no task.json): n virtual tokens before the prompt, as PEFT serves it. */
+export function promptTuningTask(spec: ModelSpec, rng: Rng, modelDir: string, n = 8): Files {
+  return {
+    "adapter_config.json": {
+      ...peftCommon(spec, modelDir),
+      peft_type: "PROMPT_TUNING",
+      num_virtual_tokens: n,
+      num_transformer_submodules: 1,
+      num_attention_heads: spec.numHeads,
+      prompt_tuning_init: "RANDOM",
+    },
+    "adapter_model.safetensors": { prompt_embeddings: normals(rng, [n, spec.hiddenSize], 0.7) },
+  };
+}
+
 const polite = (): Files => ({
   "task.json": {
     description:
@@ -135,9 +158,14 @@ function ptuneMlp(spec: ModelSpec, rng: Rng, modelDir: string): Files {
 const modulePath = (layer: number, p: Projection) =>
   `base_model.model.model.layers.${layer}.${p === "gate_proj" || p === "up_proj" || p === "down_proj" ? "mlp" : "self_attn"}.${p}`;
 
-function loraDemo(spec: ModelSpec, rng: Rng, modelDir: string): Files {
-  const r = 8;
-  const targets: Projection[] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+/** A PEFT LORA folder (rank r on `targets` of every layer), seeded. */
+export function loraTask(
+  spec: ModelSpec,
+  rng: Rng,
+  modelDir: string,
+  r = 8,
+  targets: Projection[] = ["q_proj", "k_proj", "v_proj", "o_proj"],
+): Files {
   const tensors: Tensors = {};
   for (let layer = 0; layer < spec.numLayers; layer++) {
     for (const p of targets) {
@@ -172,7 +200,8 @@ function loraDemo(spec: ModelSpec, rng: Rng, modelDir: string): Files {
   };
 }
 
-function ia3Demo(spec: ModelSpec, rng: Rng, modelDir: string): Files {
+/** A PEFT IA3 folder on k, v (outputs) and down (inputs), seeded. */
+export function ia3Task(spec: ModelSpec, rng: Rng, modelDir: string): Files {
   const tensors: Tensors = {};
   const scale = (n: number, shape: number[]) => ({ shape, data: rng.normals(n, 0.5).map(Math.exp) });
   for (let layer = 0; layer < spec.numLayers; layer++) {
@@ -243,8 +272,8 @@ export function makeExamples({ spec, out, seed, modelDir }: MakeExamplesOptions)
     publish(tables, "summarize", summarize(spec, rng, modelDir)),
     publish(tables, "polite", polite()),
     publish(tables, "ptune-mlp", ptuneMlp(spec, rng, modelDir)),
-    publish(adapters, "lora-demo", loraDemo(spec, rng, modelDir)),
-    publish(adapters, "ia3-demo", ia3Demo(spec, rng, modelDir)),
+    publish(adapters, "lora-demo", loraTask(spec, rng, modelDir)),
+    publish(adapters, "ia3-demo", ia3Task(spec, rng, modelDir)),
     publish(adapters, "bottleneck-demo", bottleneckDemo(spec, rng)),
   ];
 }

@@ -30,6 +30,8 @@ export interface TaskInfo {
   source: string | null;
   error: string | null;
   runningSequences: number;
+  /** False while its weights are offloaded (--max-host-adapters); the next request reloads them. */
+  inHostMemory: boolean;
   lastUsedAt: number | null;
   loadedAt: number | null;
   /** Older versions still draining (held by running sequences). */
@@ -42,6 +44,8 @@ interface Entry {
   error: string | null;
   lastUsedAt: number | null;
   lastVersion: number;
+  /** Weights dropped from host memory (--max-host-adapters): still registered, reloaded from here on use. */
+  offloaded: { source: string; kinds: readonly string[]; loadedAt: number } | null;
 }
 
 /** Which kinds of customisation a task's parts carry (for /v1/models and /v1/tasks). */
@@ -70,7 +74,7 @@ export class TaskRegistry {
     let e = this.entries.get(name);
     if (!e) {
       const lastVersion = this.removedVersions.get(name) ?? 0;
-      e = { current: null, status: "loading", error: null, lastUsedAt: null, lastVersion };
+      e = { current: null, status: "loading", error: null, lastUsedAt: null, lastVersion, offloaded: null };
       this.entries.set(name, e);
     }
     return e;
@@ -96,6 +100,7 @@ export class TaskRegistry {
     const previous = e.current;
     e.current = ref;
     e.error = null;
+    e.offloaded = null;
     this.holds.set(ref.id, { ref, count: 0, retired: false });
     this.transition(name, e, "ready", { version: ref.version, kinds: ref.kinds.join(",") });
     if (previous) this.retire(previous);
@@ -129,7 +134,28 @@ export class TaskRegistry {
   }
 
   has(name: string): boolean {
-    return this.entries.get(name)?.current != null;
+    const e = this.entries.get(name);
+    return e?.current != null || e?.offloaded != null;
+  }
+
+  /**
+   * Drop the serving version's weights from host memory: the task stays registered (listed, `has`), new
+   * requests reload it from `offloadedSource` (acquire answers null meanwhile), running sequences finish
+   * on the version they hold.
+   */
+  offload(name: string): boolean {
+    const e = this.entries.get(name);
+    if (!e?.current) return false;
+    const ref = e.current;
+    e.offloaded = { source: ref.source, kinds: ref.kinds, loadedAt: ref.loadedAt };
+    e.current = null;
+    log.info("task weights offloaded from host memory", { task: name, version: ref.version });
+    this.retire(ref);
+    return true;
+  }
+
+  offloadedSource(name: string): string | null {
+    return this.entries.get(name)?.offloaded?.source ?? null;
   }
 
   current(name: string): TaskRef | null {
@@ -182,16 +208,18 @@ export class TaskRegistry {
     return [...names].sort().map((name) => {
       const e = this.entries.get(name);
       const c = e?.current ?? null;
+      const off = e?.offloaded ?? null;
       return {
         name,
         status: e ? e.status : "draining",
-        version: c?.version ?? null,
-        kinds: c?.kinds ?? [],
-        source: c?.source ?? null,
+        version: c?.version ?? (off ? e!.lastVersion : null),
+        kinds: c?.kinds ?? off?.kinds ?? [],
+        source: c?.source ?? off?.source ?? null,
+        inHostMemory: c !== null,
         error: e?.error ?? null,
         runningSequences: runningByName.get(name) ?? 0,
         lastUsedAt: e?.lastUsedAt ?? null,
-        loadedAt: c?.loadedAt ?? null,
+        loadedAt: c?.loadedAt ?? off?.loadedAt ?? null,
         drainingVersions: drainingByName.get(name) ?? 0,
       };
     });

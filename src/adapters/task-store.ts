@@ -9,6 +9,7 @@
 import { randomBytes } from "node:crypto";
 import { existsSync, lstatSync, readdirSync, realpathSync, renameSync, rmSync, statSync } from "node:fs";
 import { basename, isAbsolute, join, relative, resolve, sep } from "node:path";
+import { LRUCache } from "lru-cache";
 import { TaskmuxError } from "../errors.ts";
 import { createLogger } from "../log.ts";
 import type { ModelSpec } from "../model/model-spec.ts";
@@ -56,10 +57,17 @@ export interface TaskStoreOptions {
   roots: string[];
   maxLoraRank: number;
   maxBottleneckSize: number;
+  /** Tasks whose weights stay in host memory; beyond it the least recently used are offloaded (0 = no limit). */
+  maxHostAdapters?: number;
 }
 
 /** What syncFolder did: nothing changed, (re)loaded, rejected, unloaded, kept unloaded, or saw a folder still being written. */
 export type FolderSync = "unchanged" | "loaded" | "failed" | "removed" | "tombstoned" | "unsettled";
+
+/** Whether a task holds tensors worth bounding host memory for (a task.json alone costs nothing). */
+function hasWeights(parts: TaskParts): boolean {
+  return Boolean(parts.lora || parts.ia3 || parts.bottleneck || parts.softPrompt || parts.prefix);
+}
 
 export class TaskStore {
   private readonly inFlight = new Map<string, Promise<TaskRef>>();
@@ -71,6 +79,8 @@ export class TaskStore {
   private readonly folderBacked = new Set<string>();
   /** The last rejection per name and the signature it was for (on-demand loads do not re-parse it). */
   private readonly failures = new Map<string, { signature: string | null; error: TaskmuxError }>();
+  /** Tasks holding weights in host memory, least recently used first out (their eviction offloads them). */
+  private readonly inHostMemory: LRUCache<string, true> | null;
   readonly roots: string[];
 
   constructor(
@@ -79,6 +89,19 @@ export class TaskStore {
     private readonly options: TaskStoreOptions,
   ) {
     this.roots = options.roots.map((r) => resolve(r));
+    this.inHostMemory = options.maxHostAdapters
+      ? new LRUCache<string, true>({
+          max: options.maxHostAdapters,
+          dispose: (_value, name, reason) => {
+            if (reason === "evict") this.registry.offload(name);
+          },
+        })
+      : null;
+  }
+
+  /** A request used `name`: it becomes the most recently used task in host memory. */
+  touch(name: string): void {
+    this.inHostMemory?.get(name);
   }
 
   /** Resolve a path (absolute, or relative to a root) to a real directory inside a root, or throw (400). */
@@ -177,7 +200,7 @@ export class TaskStore {
   loadOnDemand(name: string): Promise<TaskRef> {
     const pending = this.inFlight.get(name);
     if (pending) return pending;
-    const dir = this.locate(name);
+    const dir = this.registry.offloadedSource(name) ?? this.locate(name);
     if (!dir || this.isTombstoned(name)) {
       return Promise.reject(
         new TaskmuxError("task_not_found", `task ${JSON.stringify(name)} does not exist`, {
@@ -299,6 +322,8 @@ export class TaskStore {
     this.failures.delete(name);
     this.seen.set(name, signature);
     const ref = this.registry.publish(name, parts, source);
+    if (hasWeights(parts)) this.inHostMemory?.set(name, true);
+    else this.inHostMemory?.delete(name);
     if (source === this.locate(name)) this.folderBacked.add(name);
     else this.folderBacked.delete(name);
     log.info("task loaded", {

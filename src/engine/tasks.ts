@@ -54,6 +54,7 @@ export class RegistryTaskProvider implements TaskProvider {
   }
 
   private async acquire(name: string): Promise<TaskRef> {
+    this.store.touch(name);
     const ref = this.registry.acquire(name);
     if (ref) return ref;
     await this.store.loadOnDemand(name);

@@ -401,3 +401,39 @@ describe("LoRA eviction with 2 resident slots and 5 tasks", () => {
     }
   });
 });
+
+describe("host memory bound (--max-host-adapters)", () => {
+  test("beyond the bound the least recently used task's weights leave host memory and come back from disk on use", async () => {
+    const { root, cleanup } = makeTaskRoot("taskmux-host-");
+    const spec = loadCheckpoint(madeModelDir()).spec;
+    for (let i = 0; i < 3; i++) {
+      writeLoraTask(root, `host-${i}`, spec, { r: 2, alpha: 4, targets: ["q_proj", "v_proj"], seed: 50 + i });
+    }
+    const stack = await startTestStack({ taskRoots: [root], residentSlots: 2, maxHostAdapters: 2 });
+    try {
+      const { registry } = stack.tasks!;
+      const ask = (task: string) =>
+        runServed(stack.service, {
+          task,
+          prompt: { kind: "text", text: "hello there" },
+          maxTokens: 3,
+          scorePrompt: false,
+        });
+      const first = await ask("host-0");
+      await ask("host-1");
+      await ask("host-2"); // a third task in host memory: host-0, the least recently used, is offloaded
+      const info = (name: string) => registry.list().find((t) => t.name === name)!;
+      assert.equal(info("host-0").inHostMemory, false, "host-0 offloaded");
+      assert.equal(info("host-0").status, "ready", "still registered");
+      assert.ok(stack.service.hasTask("host-0"), "still a task for requests");
+      assert.ok(info("host-1").inHostMemory && info("host-2").inHostMemory, "the two most recent stay");
+      const again = await ask("host-0"); // reloaded from its folder
+      assert.deepEqual(again.tokens, first.tokens, "the reloaded task generates what it did before");
+      assert.equal(info("host-0").inHostMemory, true, "host-0 back in host memory");
+      assert.equal(info("host-1").inHostMemory, false, "host-1 is now the least recently used");
+    } finally {
+      await stack.dispose();
+      cleanup();
+    }
+  });
+});

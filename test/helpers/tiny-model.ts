@@ -62,6 +62,8 @@ export interface TestStackOptions extends Partial<EngineOptions> {
   taskRoots?: string[];
   /** Pool slots per PEFT kind (default 4). */
   residentSlots?: number;
+  /** Tasks whose weights stay in host memory (default: no limit). */
+  maxHostAdapters?: number;
 }
 
 export async function startTestStack(options: TestStackOptions = {}): Promise<TestStack> {
@@ -86,6 +88,7 @@ export async function startTestStack(options: TestStackOptions = {}): Promise<Te
       roots: options.taskRoots,
       maxLoraRank: 8,
       maxBottleneckSize: 8,
+      maxHostAdapters: options.maxHostAdapters,
     });
     const slots = options.residentSlots ?? 4;
     const residency = new AdapterResidency(model.backend, { lora: slots, ia3: slots, bottleneck: slots });
