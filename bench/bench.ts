@@ -5,6 +5,7 @@
  *
  *   npm run bench -- [--concurrency 1,8,32] [--prompt-tokens 128] [--max-tokens 128] [--threads N]
  *                    [--preset smollm2-135m] [--requests-per-client 2]
+ *   npm run bench -- --compare-llamacpp [--reps 3] [--threads N]   (taskmux vs node-llama-cpp: bench/compare-llamacpp.ts)
  */
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
@@ -14,6 +15,7 @@ import { parseArgs } from "node:util";
 import { inspectCheckpoint } from "../src/model/checkpoint.ts";
 import { countParameters } from "../src/model/load-model.ts";
 import { makeModel, PRESETS, type PresetName } from "../src/model/maker/make-model.ts";
+import { compareWithLlamaCpp } from "./compare-llamacpp.ts";
 import { percentile, runLoad } from "./load.ts";
 import { measureMachine } from "./machine.ts";
 import { startServer } from "./server-process.ts";
@@ -28,6 +30,8 @@ const { values } = parseArgs({
     "max-tokens": { type: "string", default: "128" },
     "requests-per-client": { type: "string", default: "2" },
     threads: { type: "string", default: String(availableParallelism()) },
+    "compare-llamacpp": { type: "boolean", default: false },
+    reps: { type: "string", default: "3" },
   },
 });
 
@@ -71,6 +75,20 @@ async function main() {
   log(
     `bandwidth ${(machine.bandwidthBytesPerS / 1e9).toFixed(1)} GB/s, GEMM ${(machine.gemmFlopsPerS / 1e9).toFixed(0)} GFLOP/s`,
   );
+  if (values["compare-llamacpp"]) {
+    await compareWithLlamaCpp({
+      modelDir,
+      threads,
+      machine,
+      reps: Number(values.reps),
+      promptTokens,
+      gen: maxTokens,
+      concurrencies: concurrencies.filter((c) => c > 1),
+      maxForeign: 0.25,
+      outDir: join(BENCH_DIR, "results"),
+    });
+    return;
+  }
   const maxSeqs = Math.max(...concurrencies);
   const server = await startServer([
     "--model",
@@ -94,6 +112,9 @@ async function main() {
         maxTokens,
       });
       const throughput = r.completionTokens / r.wallS;
+      // Streams of one level run side by side, so their decode rates add up to the aggregate decode rate.
+      const decodeTokS =
+        r.decodeRates.reduce((a, b) => a + b, 0) * (requestsPerClient > 1 ? 1 / requestsPerClient : 1);
       // Batch-c decode streams the weights once per step for c tokens: the roofline is c x batch-1's,
       // capped by compute (2 FLOP per parameter per token).
       const roofline = Math.min(c * rooflineDecodeTokS, machine.gemmFlopsPerS / (2 * params));
@@ -104,6 +125,7 @@ async function main() {
         wallS: r.wallS,
         generatedTokens: r.completionTokens,
         throughputTokS: throughput,
+        decodeTokS,
         rooflineTokS: roofline,
         fractionOfRoofline: throughput / roofline,
         ttftMsP50: percentile(r.ttftMs, 50),
@@ -116,7 +138,7 @@ async function main() {
   } finally {
     await server.stop();
   }
-  const base = levels.find((l) => l.concurrency === 1)?.throughputTokS;
+  const base = levels.find((l) => l.concurrency === 1);
   const report = {
     date: new Date().toISOString(),
     preset,
@@ -130,7 +152,11 @@ async function main() {
       gemmGflops: machine.gemmFlopsPerS / 1e9,
       batch1DecodeRooflineTokS: rooflineDecodeTokS,
     },
-    levels: levels.map((l) => ({ ...l, speedupVsConcurrency1: base ? l.throughputTokS / base : null })),
+    levels: levels.map((l) => ({
+      ...l,
+      speedupVsConcurrency1: base ? l.throughputTokS / base.throughputTokS : null,
+      decodeSpeedupVsConcurrency1: base ? l.decodeTokS / base.decodeTokS : null,
+    })),
   };
   const outDir = join(BENCH_DIR, "results");
   mkdirSync(outDir, { recursive: true });
@@ -157,6 +183,8 @@ function printTable(
     conc: l.concurrency,
     "tok/s": l.throughputTokS!.toFixed(1),
     "x conc1": l.speedupVsConcurrency1?.toFixed(2) ?? "-",
+    "decode tok/s": l.decodeTokS!.toFixed(1),
+    "decode x conc1": l.decodeSpeedupVsConcurrency1?.toFixed(2) ?? "-",
     roofline: l.rooflineTokS!.toFixed(0),
     "% roof": `${(100 * l.fractionOfRoofline!).toFixed(0)}%`,
     "ttft p50": l.ttftMsP50!.toFixed(0),

@@ -33,11 +33,34 @@ export const configSchema = z
     maxBottleneckSize: positiveInt.max(4096).default(64),
     bodyLimitMb: z.coerce.number().positive().default(1),
     maxN: positiveInt.max(128).default(16),
+    /** Longest prompt in tokens; 0 = the model's context window. */
+    maxPromptTokens: z.coerce.number().int().nonnegative().default(0),
+    /** Generation requests in flight per client address; 0 = unlimited. */
+    maxStreamsPerClient: z.coerce.number().int().nonnegative().default(0),
     requestTimeoutS: z.coerce.number().positive().default(600),
     drainTimeoutS: z.coerce.number().nonnegative().default(30),
     logPrompts: z.coerce.boolean().default(false),
     logLevel: z.enum(["debug", "info", "warn", "error"]).default("info"),
     adminToken: z.string().min(1).optional(),
+    /** Watch the task roots and load, replace and unload tasks as their folders change. */
+    watch: z.coerce.boolean().default(true),
+    /** Full rescan of the task roots every N seconds, the safety net for missed events (0 = never). */
+    rescanIntervalS: z.coerce.number().nonnegative().default(5),
+    /** Hosts PUT /v1/tasks/{name} may fetch a task archive from (comma-separated; empty = URL loads off). */
+    adapterUrlAllow: z
+      .string()
+      .default("")
+      .transform((s) =>
+        s
+          .split(",")
+          .map((h) => h.trim())
+          .filter((h) => h !== ""),
+      ),
+    adapterUrlMaxMb: z.coerce.number().positive().default(512),
+    /** How the graph stores and multiplies the base weights (model/builder/quantize.ts WEIGHT_FORMATS). */
+    weights: z.enum(["fp32", "fp16", "int8", "int4"]).default("fp32"),
+    /** Execution provider (model/device.ts); `auto` = the first of cuda, webgpu, cpu that initialises. */
+    device: z.enum(["cpu", "webgpu", "cuda", "auto"]).default("cpu"),
     /** Run the model in-process instead of in a worker thread (tests, debugging). */
     inProcess: z.coerce.boolean().default(false),
   })
@@ -72,11 +95,20 @@ const FLAGS = {
   "max-bottleneck-size": "string",
   "body-limit-mb": "string",
   "max-n": "string",
+  "max-prompt-tokens": "string",
+  "max-streams-per-client": "string",
   "request-timeout-s": "string",
   "drain-timeout-s": "string",
   "log-prompts": "boolean",
   "log-level": "string",
   "in-process": "boolean",
+  weights: "string",
+  device: "string",
+  watch: "boolean",
+  "no-watch": "boolean",
+  "rescan-interval-s": "string",
+  "adapter-url-allow": "string",
+  "adapter-url-max-mb": "string",
 } as const;
 
 const camel = (flag: string) => flag.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
@@ -112,6 +144,9 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     if (value === undefined) continue;
     raw[camel(flag)] = FLAGS[flag as keyof typeof FLAGS] === "boolean" ? booleanOption(flag, value) : value;
   }
+  // Node 20's parseArgs has no negated booleans: `--no-watch` (or TASKMUX_WATCH=false) turns watching off.
+  if (raw.noWatch === true) raw.watch = false;
+  delete raw.noWatch;
   raw.host ??= env.HOST;
   raw.port ??= env.PORT;
   raw.adminToken = env.TASKMUX_ADMIN_TOKEN || undefined;

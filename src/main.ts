@@ -7,12 +7,15 @@ import { serve } from "@hono/node-server";
 import { TaskRegistry } from "./adapters/registry.ts";
 import { AdapterResidency } from "./adapters/residency.ts";
 import { TaskStore } from "./adapters/task-store.ts";
+import { TaskWatcher } from "./adapters/watcher.ts";
 import { type Config, ConfigError, configSchema, parseConfig } from "./config.ts";
 import { Engine } from "./engine/engine.ts";
 import { EngineGenerationService } from "./engine/generation-service.ts";
 import { RegistryTaskProvider } from "./engine/tasks.ts";
 import { isTaskmuxError } from "./errors.ts";
+import { adminRoutes } from "./http/admin.ts";
 import { createApp } from "./http/app.ts";
+import { installClientErrorHandler } from "./http/client-errors.ts";
 import { configureLogging, createLogger } from "./log.ts";
 import { loadModel } from "./model/load-model.ts";
 import { makeModel } from "./model/maker/make-model.ts";
@@ -30,6 +33,7 @@ function ensureDefaultModel(config: Config): void {
 }
 
 async function start(config: Config) {
+  configureLogging({ level: config.logLevel });
   ensureDefaultModel(config);
   const started = performance.now();
   const model = await loadModel({
@@ -37,6 +41,8 @@ async function start(config: Config) {
     cacheDir: config.cacheDir,
     threads: config.threads,
     inProcess: config.inProcess,
+    weights: config.weights,
+    device: config.device,
     pools: {
       loraSlots: config.maxResidentAdapters,
       maxLoraRank: config.maxLoraRank,
@@ -55,7 +61,8 @@ async function start(config: Config) {
     vocab: spec.vocabSize,
     context: spec.maxPositionEmbeddings,
     storedDtype: model.report.storedDtypes.join(",") || "cached",
-    computeDtype: "fp32",
+    weights: model.report.weights,
+    device: model.report.device,
     threads: config.threads,
     graph: model.report.graphCacheHit ? "cached" : "built",
     graphBuildMs: Math.round(model.report.graphBuildMs),
@@ -71,6 +78,7 @@ async function start(config: Config) {
       maxNumSeqs: config.maxNumSeqs,
       maxBatchedTokens: config.maxBatchedTokens,
       maxWaiting: config.maxWaiting,
+      maxPromptTokens: config.maxPromptTokens,
       kvCacheBytes: config.kvCacheMb * 2 ** 20,
     },
     eosIds,
@@ -80,6 +88,7 @@ async function start(config: Config) {
     roots: [config.promptTables, config.adapters],
     maxLoraRank: config.maxLoraRank,
     maxBottleneckSize: config.maxBottleneckSize,
+    maxHostAdapters: config.maxHostAdapters,
   });
   const residency = new AdapterResidency(model.backend, {
     lora: config.maxResidentAdapters,
@@ -89,6 +98,10 @@ async function start(config: Config) {
   const tasks = new RegistryTaskProvider(registry, store, residency, model.tokenizer, spec);
   const scan = store.loadAll();
   log.info("tasks loaded", { roots: store.roots, loaded: scan.loaded, failed: scan.failed });
+  const watcher = config.watch
+    ? new TaskWatcher(store, { rescanIntervalMs: config.rescanIntervalS * 1000 })
+    : null;
+  watcher?.start();
   const service = new EngineGenerationService(engine, model.tokenizer, tasks, {
     modelId: modelIdOf(config.model),
     generation: model.info.generation,
@@ -99,11 +112,25 @@ async function start(config: Config) {
     bodyLimitBytes: Math.round(config.bodyLimitMb * 2 ** 20),
     maxN: config.maxN,
     logPrompts: config.logPrompts,
+    maxStreamsPerClient: config.maxStreamsPerClient,
+    routes: [
+      adminRoutes({
+        registry,
+        store,
+        residency,
+        adminToken: config.adminToken,
+        remote: { allowHosts: config.adapterUrlAllow, maxBytes: config.adapterUrlMaxMb * 2 ** 20 },
+      }),
+    ],
   });
   const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
+  installClientErrorHandler(server);
   await new Promise<void>((resolve) => server.once("listening", () => resolve()));
   log.info("listening", { url: `http://${config.host}:${config.port}`, modelId: service.modelId });
-  installShutdown(config, engine, () => new Promise<void>((resolve) => server.close(() => resolve())));
+  installShutdown(config, engine, () => {
+    watcher?.stop();
+    return new Promise<void>((resolve) => server.close(() => resolve()));
+  });
 }
 
 function modelIdOf(dir: string): string {
@@ -113,9 +140,15 @@ function modelIdOf(dir: string): string {
 
 function installShutdown(config: Config, engine: Engine, closeServer: () => Promise<void>) {
   let shuttingDown = false;
+  let isForced = false;
   const onSignal = async (signal: string) => {
     if (shuttingDown) {
+      if (isForced) return;
+      isForced = true;
       log.warn("second signal: exiting now", { signal });
+      // Stop the model worker first (it ends its current step, milliseconds): exiting while it is inside
+      // session.run aborts the process (SIGABRT in onnxruntime's teardown).
+      await Promise.race([engine.dispose().catch(() => {}), new Promise((r) => setTimeout(r, 1000))]);
       process.exit(1);
     }
     shuttingDown = true;
@@ -125,10 +158,13 @@ function installShutdown(config: Config, engine: Engine, closeServer: () => Prom
       running: engine.numRunningSequences,
       waiting: engine.numWaitingSequences,
     });
+    // The server keeps serving while draining: running streams go on, new requests get 503.
     const drained = await engine.drain(config.drainTimeoutS * 1000);
+    if (isForced) return;
     log.info(drained ? "drained" : "drain deadline passed; cancelling the rest", { signal });
-    await Promise.race([closeServer(), new Promise((r) => setTimeout(r, 2000))]);
+    // Cancel what is left first, so its streams end with a finish frame before the server closes.
     await engine.dispose();
+    await Promise.race([closeServer(), new Promise((r) => setTimeout(r, 2000))]);
     process.exit(0);
   };
   process.on("SIGTERM", (s) => void onSignal(s));

@@ -4,8 +4,17 @@
  */
 import { buildOrReuseGraph } from "./builder/build-cache.ts";
 import type { GraphOptions } from "./builder/llama-graph.ts";
+import type { WeightFormat } from "./builder/quantize.ts";
 import { type CheckpointInfo, inspectCheckpoint } from "./checkpoint.ts";
 import { FULL_PEFT_LAYOUT, type ModelBackend, type PeftLayout } from "./contract.ts";
+import {
+  candidateDevices,
+  type Device,
+  type DeviceChoice,
+  describeFailure,
+  executionProviders,
+  machineFacts,
+} from "./device.ts";
 import type { PoolCapacity } from "./peft-pools.ts";
 import { ModelRunner, type RunnerOptions } from "./runner.ts";
 import { TextTokenizer } from "./tokenizer.ts";
@@ -17,8 +26,12 @@ export interface LoadModelOptions {
   threads: number;
   pools: PoolCapacity;
   peft?: PeftLayout;
+  /** How the graph stores and multiplies the base weights (default fp32; see GraphOptions.weights). */
+  weights?: WeightFormat;
   /** Run the session on this thread (tests); the server uses the worker. */
   inProcess?: boolean;
+  /** Execution provider (default cpu); `auto` takes the first that initialises. */
+  device?: DeviceChoice;
 }
 
 export interface LoadedModel {
@@ -33,6 +46,9 @@ export interface LoadedModel {
     parameterCount: number;
     weightBytes: number;
     storedDtypes: string[];
+    /** The graph's weight format (GraphOptions.weights). */
+    weights: WeightFormat;
+    device: Device;
   };
 }
 
@@ -40,7 +56,7 @@ export async function loadModel(options: LoadModelOptions): Promise<LoadedModel>
   const info = inspectCheckpoint(options.modelDir);
   const tokenizer = TextTokenizer.load(options.modelDir);
   const peft = options.peft ?? FULL_PEFT_LAYOUT;
-  const graph: GraphOptions = { peft, rope: "contrib" };
+  const graph: GraphOptions = { peft, rope: "contrib", weights: options.weights ?? "fp32" };
   const built = buildOrReuseGraph(info, graph, options.cacheDir);
   const runnerOptions: RunnerOptions = {
     modelPath: built.modelPath,
@@ -50,9 +66,7 @@ export async function loadModel(options: LoadModelOptions): Promise<LoadedModel>
     threads: options.threads,
   };
   const started = performance.now();
-  const backend = options.inProcess
-    ? await ModelRunner.create(runnerOptions)
-    : await WorkerBackend.start(runnerOptions);
+  const { backend, device } = await startBackend(runnerOptions, options);
   return {
     info,
     tokenizer,
@@ -64,8 +78,33 @@ export async function loadModel(options: LoadModelOptions): Promise<LoadedModel>
       parameterCount: built.parameterCount || countParameters(info),
       weightBytes: built.weightBytes,
       storedDtypes: built.storedDtypes,
+      weights: graph.weights ?? "fp32",
+      device,
     },
   };
+}
+
+/** Create the session on the chosen device; `auto` falls through to the next candidate on failure. */
+async function startBackend(
+  runnerOptions: RunnerOptions,
+  options: LoadModelOptions,
+): Promise<{ backend: ModelBackend; device: Device }> {
+  const facts = machineFacts();
+  const choice = options.device ?? "cpu";
+  const candidates = candidateDevices(choice, facts);
+  for (const device of candidates) {
+    const withDevice = { ...runnerOptions, executionProviders: executionProviders(device) };
+    try {
+      const backend = options.inProcess
+        ? await ModelRunner.create(withDevice)
+        : await WorkerBackend.start(withDevice);
+      return { backend, device };
+    } catch (error) {
+      if (device === "cpu" || choice !== "auto")
+        throw device === "cpu" ? error : describeFailure(device, facts, error);
+    }
+  }
+  throw describeFailure(candidates[0] ?? "cpu", facts);
 }
 
 /** Parameter count from the shape alone (used when a cached graph means the weights were never read). */

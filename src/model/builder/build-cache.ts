@@ -9,7 +9,7 @@ import { type Checkpoint, type CheckpointInfo, loadCheckpoint } from "../checkpo
 import { buildLlamaGraph, type GraphOptions } from "./llama-graph.ts";
 
 /** Bump when the graph layout changes, so stale cached graphs are never loaded. */
-export const BUILDER_VERSION = 1;
+export const BUILDER_VERSION = 6;
 
 export interface BuiltGraph {
   modelPath: string;
@@ -26,7 +26,14 @@ export function graphCacheKey(
   options: GraphOptions,
 ): string {
   return createHash("sha256")
-    .update(JSON.stringify({ v: BUILDER_VERSION, hash: checkpoint.contentHash, options }))
+    .update(
+      JSON.stringify({
+        v: BUILDER_VERSION,
+        hash: checkpoint.contentHash,
+        // The weight format is part of the key; absent means fp32.
+        options: { ...options, weights: options.weights ?? "fp32" },
+      }),
+    )
     .digest("hex")
     .slice(0, 24);
 }

@@ -2,7 +2,7 @@
  * @module model/builder/llama-graph — builds the taskmux ONNX graph for a Llama-family checkpoint
  * (see model/contract.ts for the inputs and outputs it carries).
  */
-import type { BaseWeights, LayerWeights } from "../checkpoint.ts";
+import type { BaseWeights } from "../checkpoint.ts";
 import {
   BOTTLENECK_PLACES,
   type BottleneckPlace,
@@ -16,6 +16,7 @@ import {
 import { type ModelSpec, ropeTables } from "../model-spec.ts";
 import { GraphBuilder } from "./graph.ts";
 import { DataType } from "./onnx-proto.ts";
+import { bitsOf, QUANT_BLOCK_SIZE, quantizeMatrix, toFloat16, type WeightFormat } from "./quantize.ts";
 
 export type RopeImplementation = "contrib" | "manual";
 
@@ -23,7 +24,21 @@ export interface GraphOptions {
   peft: PeftLayout;
   /** com.microsoft RotaryEmbedding, or plain ops (any head size; used when the contrib op refuses it). */
   rope: RopeImplementation;
+  /**
+   * How the base projection weights (fused qkv, o, gate_up, down, LM head) are stored and multiplied
+   * (default fp32; docs/weight-formats.md):
+   *   fp32  MatMul / Gemm on fp32 initializers
+   *   fp16  fp16 initializers + Cast to fp32 (onnxruntime folds the Cast at session creation: half the file,
+   *         fp32 compute; resident memory a little above fp32's)
+   *   int8, int4  com.microsoft MatMulNBits, block 32, symmetric, accuracy_level 4; the LM head gets its own
+   *         quantised [V, D] copy, the embedding Gather keeps fp32
+   * Norms, biases, rope tables and every PEFT input stay fp32.
+   */
+  weights?: WeightFormat;
 }
+
+/** MatMulNBits accuracy_level 4: int8 activations (VNNI); never 8-bit with level 0 (ort-facts §2). */
+const NBITS_ACCURACY_LEVEL = 4;
 
 /** [rows, cols] row-major -> [cols, rows]: HF Linear [out, in] becomes MatMul's [in, out]. */
 export function transpose(w: Float32Array, rows: number, cols: number): Float32Array {
@@ -35,18 +50,9 @@ export function transpose(w: Float32Array, rows: number, cols: number): Float32A
   return out;
 }
 
-/** Column-concatenate several [in, out_i] matrices into [in, sum(out_i)]. */
-function concatColumns(parts: { data: Float32Array; cols: number }[], rows: number): Float32Array {
-  const total = parts.reduce((a, p) => a + p.cols, 0);
-  const out = new Float32Array(rows * total);
-  for (let r = 0; r < rows; r++) {
-    let offset = r * total;
-    for (const p of parts) {
-      out.set(p.data.subarray(r * p.cols, (r + 1) * p.cols), offset);
-      offset += p.cols;
-    }
-  }
-  return out;
+/** Stack row-major [rows_i, cols] matrices into [sum(rows_i), cols] (HF Linear [out, in] matrices fuse this way). */
+function concatRows(parts: Float32Array[]): Float32Array {
+  return concatVectors(parts);
 }
 
 function concatVectors(parts: Float32Array[]): Float32Array {
@@ -59,13 +65,53 @@ function concatVectors(parts: Float32Array[]): Float32Array {
   return out;
 }
 
+/** One layer's pool rows (slot * numLayers + layer) for the PEFT paths the layout has. */
+interface LayerRows {
+  lora: string;
+  ia3: string;
+  bottleneck: string;
+  bottleneck1: string;
+}
+
 /** Graph-wide tensors every layer reads. */
 interface Shared {
+  /** slot * numLayers per row, [B] (for Gathers feeding batched MatMuls) */
   loraRow: string;
-  ia3Row: string;
   bottleneckRow: string;
+  /** the same as [B, 1]: Gathers of vectors then yield [B, 1, dim], ready to broadcast over T */
+  ia3Row: string;
+  bottleneckRow1: string;
+  /** bool scalar: some row of this step uses a LoRA, IA3 or bottleneck slot (slot > 0) */
+  peftUsed: string;
   cos: string;
   sin: string;
+}
+
+/** A base weight as the graph stores it: a [K, N] fp32 MatMul operand, or MatMulNBits blocks. */
+type StoredWeight =
+  | { kind: "matmul"; weight: string }
+  | { kind: "nbits"; blob: string; scales: string; n: number; k: number; bits: number };
+
+interface Linear {
+  weight: StoredWeight;
+  bias: string | null;
+}
+
+interface LayerParams {
+  inputNorm: string;
+  postNorm: string;
+  qkv: Linear;
+  o: Linear;
+  gateUp: Linear;
+  down: Linear;
+}
+
+interface ModelParams {
+  layers: LayerParams[];
+  finalNorm: string;
+  embed: string;
+  /** tied fp32/fp16: the embedding table itself (Gemm transB); quantised: its own MatMulNBits copy */
+  head: StoredWeight | { kind: "gemm"; table: string };
 }
 
 class LlamaGraph {
@@ -74,6 +120,8 @@ class LlamaGraph {
   private readonly qDim: number;
   private readonly kvDim: number;
   private readonly eps: { float: number };
+  private readonly format: WeightFormat;
+  private skipNorms = 0;
 
   constructor(
     private readonly spec: ModelSpec,
@@ -85,33 +133,58 @@ class LlamaGraph {
     this.qDim = spec.numHeads * spec.headDim;
     this.kvDim = spec.numKvHeads * spec.headDim;
     this.eps = { float: spec.rmsNormEps };
+    this.format = options.weights ?? "fp32";
   }
 
+  /**
+   * The decoder is built twice over the same weights: with the PEFT paths and without, as the two branches of
+   * one If on "does any row of this step use an adapter slot". A base-only step (the common case) then runs none
+   * of the ~75 nodes a layer the PEFT paths take even when every pool is the zero-rank identity (measured at
+   * 15-25% of a batch-1 decode step); the If itself costs microseconds, and the weights are stored once.
+   */
   build(weights: BaseWeights): GraphBuilder {
     const g = this.g;
+    const { peft } = this.options;
     const shared = this.declareInputs();
-    let h = this.embeddings(weights.embed);
-    let x = g.op1(
-      "SimplifiedLayerNormalization",
-      [h, g.weight("layers.0.input_norm", [this.d], weights.layers[0]!.inputNorm)],
-      {
-        axis: -1,
-        epsilon: this.eps,
-      },
-    );
+    const params = this.storeWeights(weights);
+    const h = this.embeddings(params.embed);
+    const x = g.op1("SimplifiedLayerNormalization", [h, params.layers[0]!.inputNorm], {
+      axis: -1,
+      epsilon: this.eps,
+    });
+    const hasPeft = peft.loraTargets.length > 0 || peft.ia3Targets.length > 0 || peft.bottleneck;
+    const outs = hasPeft
+      ? this.ifElse(
+          shared.peftUsed,
+          () => this.decoder(params, x, h, shared, true),
+          () => this.decoder(params, x, h, shared, false),
+          "peft",
+        )
+      : this.decoder(params, x, h, shared, false);
     for (let l = 0; l < this.spec.numLayers; l++) {
-      const lw = weights.layers[l]!;
-      const attnOut = this.attention(l, lw, x, shared);
-      const [x2, h2] = this.skipNorm(attnOut, h, g.weight(`layers.${l}.post_norm`, [this.d], lw.postNorm));
-      const mlpOut = this.mlp(l, lw, x2, shared);
-      const nextNorm =
-        l + 1 < this.spec.numLayers
-          ? g.weight(`layers.${l + 1}.input_norm`, [this.d], weights.layers[l + 1]!.inputNorm)
-          : g.weight("final_norm", [this.d], weights.finalNorm);
+      g.output(OUTPUT.newKey(l), outs[1 + 2 * l]!, DataType.FLOAT, ["batch", "seq", this.kvDim]);
+      g.output(OUTPUT.newValue(l), outs[2 + 2 * l]!, DataType.FLOAT, ["batch", "seq", this.kvDim]);
+    }
+    this.logits(outs[0]!, params);
+    return g;
+  }
+
+  /** All layers; returns [final normed hidden, key 0, value 0, key 1, ...]. */
+  private decoder(params: ModelParams, x0: string, h0: string, shared: Shared, withPeft: boolean): string[] {
+    const kv: string[] = [];
+    let x = x0;
+    let h = h0;
+    for (let l = 0; l < this.spec.numLayers; l++) {
+      const p = params.layers[l]!;
+      const rows = withPeft ? this.layerRows(l, shared) : null;
+      const attn = this.attention(l, p, x, rows, shared);
+      kv.push(attn.key, attn.value);
+      const [x2, h2] = this.skipNorm(attn.out, h, p.postNorm);
+      const mlpOut = this.mlp(p, x2, rows);
+      const nextNorm = l + 1 < this.spec.numLayers ? params.layers[l + 1]!.inputNorm : params.finalNorm;
       [x, h] = this.skipNorm(mlpOut, h2, nextNorm);
     }
-    this.logits(x, weights);
-    return g;
+    return [x, ...kv];
   }
 
   private declareInputs(): Shared {
@@ -127,14 +200,19 @@ class LlamaGraph {
       g.input(INPUT.pastValue(l), DataType.FLOAT, ["batch", spec.numKvHeads, "past", spec.headDim]);
     }
     const { peft } = this.options;
-    const slotRow = (slotInput: string) => {
-      g.input(slotInput, DataType.INT64, ["batch"]);
-      return g.op1("Mul", [slotInput, g.int64([L], [])]);
-    };
+    const slots = [INPUT.loraSlot, INPUT.ia3Slot, INPUT.bottleneckSlot];
+    for (const slot of slots) g.input(slot, DataType.INT64, ["batch"]);
+    const slotRow = (slotInput: string) => g.op1("Mul", [slotInput, g.int64([L], [])]);
+    const axis1 = g.int64([1]);
+    const bottleneckRow = slotRow(INPUT.bottleneckSlot);
+    // The runner feeds all-zero slots for a kind no row uses (slot 0 is every kind's identity).
+    const maxSlot = (slot: string) => g.op1("ReduceMax", [slot], { keepdims: 0 });
     const shared: Shared = {
       loraRow: slotRow(INPUT.loraSlot),
-      ia3Row: slotRow(INPUT.ia3Slot),
-      bottleneckRow: slotRow(INPUT.bottleneckSlot),
+      ia3Row: g.op1("Unsqueeze", [slotRow(INPUT.ia3Slot), axis1]),
+      bottleneckRow,
+      bottleneckRow1: g.op1("Unsqueeze", [bottleneckRow, axis1]),
+      peftUsed: g.op1("Greater", [g.op1("Max", slots.map(maxSlot)), g.int64([0], [])]),
       cos: "",
       sin: "",
     };
@@ -170,92 +248,218 @@ class LlamaGraph {
     return shared;
   }
 
+  /** Every weight as an initializer of the outer graph (fp16 Casts included), so both branches share them. */
+  private storeWeights(weights: BaseWeights): ModelParams {
+    const { g, d, qDim, kvDim } = this;
+    const ff = this.spec.intermediateSize;
+    const vector = (name: string, data: Float32Array) => g.weight(name, [data.length], data);
+    const linear = (
+      name: string,
+      w: Float32Array,
+      outDim: number,
+      inDim: number,
+      bias: Float32Array | null,
+    ) => ({
+      weight: this.storeMatrix(name, w, outDim, inDim),
+      bias: bias ? vector(`${name}.bias`, bias) : null,
+    });
+    const layers = weights.layers.map((lw, l): LayerParams => {
+      const qkvBias = lw.qBias && lw.kBias && lw.vBias ? concatVectors([lw.qBias, lw.kBias, lw.vBias]) : null;
+      return {
+        inputNorm: vector(`layers.${l}.input_norm`, lw.inputNorm),
+        postNorm: vector(`layers.${l}.post_norm`, lw.postNorm),
+        qkv: linear(
+          `layers.${l}.qkv`,
+          concatRows([lw.qProj, lw.kProj, lw.vProj]),
+          qDim + 2 * kvDim,
+          d,
+          qkvBias,
+        ),
+        o: linear(`layers.${l}.o_proj`, lw.oProj, d, qDim, lw.oBias),
+        gateUp: linear(`layers.${l}.gate_up`, concatRows([lw.gateProj, lw.upProj]), 2 * ff, d, null),
+        down: linear(`layers.${l}.down_proj`, lw.downProj, d, ff, null),
+      };
+    });
+    const embed = this.table("embed_tokens", weights.embed);
+    const tied = weights.lmHead === weights.embed;
+    const head: ModelParams["head"] =
+      bitsOf(this.format) !== null
+        ? // Tied or not, the head gets its own quantised [V, D] copy; the embedding Gather keeps fp32.
+          this.storeMatrix("lm_head", weights.lmHead, this.spec.vocabSize, d)
+        : { kind: "gemm", table: tied ? embed : this.table("lm_head", weights.lmHead) };
+    return { layers, finalNorm: vector("final_norm", weights.finalNorm), embed, head };
+  }
+
+  /** A base weight w in HF Linear layout [outDim, inDim], stored as `options.weights` says. */
+  private storeMatrix(name: string, w: Float32Array, outDim: number, inDim: number): StoredWeight {
+    const { g } = this;
+    const bits = bitsOf(this.format);
+    if (bits !== null) {
+      const q = quantizeMatrix(w, outDim, inDim, bits, QUANT_BLOCK_SIZE);
+      const blob = g.externalTensor(
+        `${name}.q${bits}`,
+        DataType.UINT8,
+        [outDim, q.blocksPerRow, (QUANT_BLOCK_SIZE * bits) / 8],
+        q.data,
+      );
+      const scales = g.weight(`${name}.scales`, [outDim * q.blocksPerRow], q.scales);
+      return { kind: "nbits", blob, scales, n: outDim, k: inDim, bits };
+    }
+    const wt = transpose(w, outDim, inDim);
+    const dims = [inDim, outDim];
+    return {
+      kind: "matmul",
+      weight: this.format === "fp16" ? this.fp16Weight(name, dims, wt) : g.weight(name, dims, wt),
+    };
+  }
+
+  /** A [V, D] table as fp32 (or fp16 + Cast when options.weights is fp16). */
+  private table(name: string, data: Float32Array): string {
+    const dims = [this.spec.vocabSize, this.d];
+    return this.format === "fp16" ? this.fp16Weight(name, dims, data) : this.g.weight(name, dims, data);
+  }
+
+  /**
+   * An fp16 initializer cast to fp32. The Cast is a constant subgraph that onnxruntime folds when the session
+   * starts, so the file holds fp16 and the MatMul runs on fp32 (onnxruntime-node 1.30's CPU provider has no fp16
+   * MatMul kernel on x86: it inserts Casts around an fp16 MatMul anyway; docs/weight-formats.md).
+   */
+  private fp16Weight(name: string, dims: number[], data: Float32Array): string {
+    const half = toFloat16(data);
+    const stored = this.g.externalTensor(
+      `${name}.fp16`,
+      DataType.FLOAT16,
+      dims,
+      new Uint8Array(half.buffer, half.byteOffset, half.byteLength),
+    );
+    return this.g.op("Cast", [stored], { outputs: [name], attrs: { to: DataType.FLOAT } })[0]!;
+  }
+
+  /** x [.., K] times a stored weight (+ bias): MatMul, or com.microsoft MatMulNBits at accuracy_level 4. */
+  private linear(x: string, p: Linear): string {
+    const { g } = this;
+    const w = p.weight;
+    const y =
+      w.kind === "matmul"
+        ? g.op1("MatMul", [x, w.weight])
+        : g.op1(
+            "MatMulNBits",
+            [x, w.blob, w.scales],
+            {
+              K: w.k,
+              N: w.n,
+              bits: w.bits,
+              block_size: QUANT_BLOCK_SIZE,
+              accuracy_level: NBITS_ACCURACY_LEVEL,
+            },
+            "com.microsoft",
+          );
+    return p.bias ? g.op1("Add", [y, p.bias]) : y;
+  }
+
   /** ids < V read the vocabulary; ids >= V read virtual_embeddings[id - V] (TensorRT-LLM's convention). */
-  private embeddings(embed: Float32Array): string {
+  private embeddings(table: string): string {
     const { g } = this;
     const V = this.spec.vocabSize;
-    const table = g.weight("embed_tokens", [V, this.d], embed);
     const ids = INPUT.inputIds;
+    const tokens = g.op1("Gather", [table, g.op1("Min", [ids, g.int64([V - 1], [])])]);
     const isVirtual = g.op1("GreaterOrEqual", [ids, g.int64([V], [])]);
-    const tokenIndex = g.op1("Min", [ids, g.int64([V - 1], [])]);
     const virtualIndex = g.op1("Max", [g.op1("Sub", [ids, g.int64([V], [])]), g.int64([0], [])]);
-    const tokens = g.op1("Gather", [table, tokenIndex]);
     const virtuals = g.op1("Gather", [INPUT.virtualEmbeddings, virtualIndex]);
     return g.op1("Where", [g.op1("Unsqueeze", [isVirtual, g.int64([-1])]), virtuals, tokens]);
   }
 
   private skipNorm(input: string, skip: string, gamma: string): [string, string] {
+    const id = this.skipNorms++;
     const outs = this.g.op("SkipSimplifiedLayerNormalization", [input, skip, gamma], {
-      outputs: [`skipnorm_${this.g.nodes.length}_y`, "", "", `skipnorm_${this.g.nodes.length}_sum`],
+      outputs: [`skipnorm_${id}_y`, "", "", `skipnorm_${id}_sum`],
       attrs: { epsilon: this.eps },
       domain: "com.microsoft",
     });
     return [outs[0]!, outs[3]!];
   }
 
-  private layerRow(sharedRow: string, l: number): string {
-    return this.g.op1("Add", [sharedRow, this.g.int64([l], [])]);
+  /** Pool rows of layer l for the PEFT paths the layout has. */
+  private layerRows(l: number, shared: Shared): LayerRows {
+    const { g } = this;
+    const { peft } = this.options;
+    const row = (sharedRow: string, on: boolean) => (on ? g.op1("Add", [sharedRow, g.int64([l], [])]) : "");
+    return {
+      lora: row(shared.loraRow, peft.loraTargets.length > 0),
+      ia3: row(shared.ia3Row, peft.ia3Targets.length > 0),
+      bottleneck: row(shared.bottleneckRow, peft.bottleneck),
+      bottleneck1: row(shared.bottleneckRow1, peft.bottleneck),
+    };
   }
 
-  /** PEFT additions on one projection: y + (x A_s) B_s, then IA3 output scaling. */
-  private peftProjection(l: number, m: Projection, x: string, y: string, shared: Shared): string {
+  /**
+   * If(cond) then `thenBody()` else `elseBody()`: the nodes each body adds become that branch's subgraph. Constants
+   * and weights created meanwhile stay initializers of the outer graph, which both branches read.
+   */
+  private ifElse(cond: string, thenBody: () => string[], elseBody: () => string[], name: string): string[] {
+    const { g } = this;
+    const branch = (branchName: string, body: () => string[]) => {
+      const start = g.nodes.length;
+      const outs = body();
+      const produced = new Set(g.nodes.slice(start).flatMap((n) => n.outputs));
+      // A branch output must be made inside the branch.
+      const named = outs.map((o) => (produced.has(o) ? o : g.op1("Identity", [o])));
+      const nodes = g.nodes.splice(start);
+      return {
+        graph: {
+          name: branchName,
+          nodes,
+          initializers: [],
+          inputs: [],
+          outputs: named.map((o) => ({ name: o, dataType: DataType.FLOAT, dims: null })),
+        },
+      };
+    };
+    const thenBranch = branch(`${name}_then`, thenBody);
+    const elseBranch = branch(`${name}_else`, elseBody);
+    const n = thenBranch.graph.outputs.length;
+    if (elseBranch.graph.outputs.length !== n) throw new Error(`${name}: branches differ in outputs`);
+    return g.op("If", [cond], { outputs: n, attrs: { then_branch: thenBranch, else_branch: elseBranch } });
+  }
+
+  /** PEFT additions on one projection: y + (x A_s) B_s, then IA3 output scaling (no-ops without rows). */
+  private peftProjection(m: Projection, x: string, y: string, rows: LayerRows | null): string {
+    if (!rows) return y;
     const { g } = this;
     const { peft } = this.options;
     let out = y;
     if (peft.loraTargets.includes(m)) {
-      const row = this.layerRow(shared.loraRow, l);
-      const a = g.op1("Gather", [INPUT.loraA(m), row]); // [B, in, r]
-      const b = g.op1("Gather", [INPUT.loraB(m), row]); // [B, r, out]
+      const a = g.op1("Gather", [INPUT.loraA(m), rows.lora]); // [B, in, r]
+      const b = g.op1("Gather", [INPUT.loraB(m), rows.lora]); // [B, r, out]
       out = g.op1("Add", [out, g.op1("MatMul", [g.op1("MatMul", [x, a]), b])]);
     }
     if (peft.ia3Targets.includes(m) && !IA3_INPUT_SCALED.includes(m)) {
-      out = g.op1("Mul", [out, this.ia3Scale(l, m, shared)]);
+      out = g.op1("Mul", [out, this.ia3Scale(m, rows)]);
     }
     return out;
   }
 
   /** [B, 1, dim] scale vector for one sequence row. */
-  private ia3Scale(l: number, m: Projection, shared: Shared): string {
-    const row = this.layerRow(shared.ia3Row, l);
-    return this.g.op1("Unsqueeze", [this.g.op1("Gather", [INPUT.ia3(m), row]), this.g.int64([1])]);
+  private ia3Scale(m: Projection, rows: LayerRows): string {
+    return this.g.op1("Gather", [INPUT.ia3(m), rows.ia3]);
   }
 
-  private linear(
+  private attention(
+    l: number,
+    p: LayerParams,
     x: string,
-    name: string,
-    w: Float32Array,
-    rows: number,
-    cols: number,
-    bias: Float32Array | null,
-  ) {
-    const y = this.g.op1("MatMul", [x, this.g.weight(name, [cols, rows], transpose(w, rows, cols))]);
-    return bias ? this.g.op1("Add", [y, this.g.weight(`${name}.bias`, [rows], bias)]) : y;
-  }
-
-  private attention(l: number, lw: LayerWeights, x: string, shared: Shared): string {
-    const { g, spec, d, qDim, kvDim } = this;
-    const wqkv = concatColumns(
-      [
-        { data: transpose(lw.qProj, qDim, d), cols: qDim },
-        { data: transpose(lw.kProj, kvDim, d), cols: kvDim },
-        { data: transpose(lw.vProj, kvDim, d), cols: kvDim },
-      ],
-      d,
-    );
-    let qkv = g.op1("MatMul", [x, g.weight(`layers.${l}.qkv`, [d, qDim + 2 * kvDim], wqkv)]);
-    if (lw.qBias && lw.kBias && lw.vBias) {
-      const bias = concatVectors([lw.qBias, lw.kBias, lw.vBias]);
-      qkv = g.op1("Add", [qkv, g.weight(`layers.${l}.qkv.bias`, [bias.length], bias)]);
-    }
+    rows: LayerRows | null,
+    shared: Shared,
+  ): { out: string; key: string; value: string } {
+    const { g, spec, qDim, kvDim } = this;
+    const qkv = this.linear(x, p.qkv);
     const [q0, k0, v0] = g.op("Split", [qkv, g.int64([qDim, kvDim, kvDim])], {
       outputs: 3,
       attrs: { axis: -1 },
     });
-    const q = this.rotary(this.peftProjection(l, "q_proj", x, q0!, shared), spec.numHeads, shared);
-    const k = this.rotary(this.peftProjection(l, "k_proj", x, k0!, shared), spec.numKvHeads, shared);
-    const v = this.peftProjection(l, "v_proj", x, v0!, shared);
-    g.output(OUTPUT.newKey(l), k, DataType.FLOAT, ["batch", "seq", kvDim]);
-    g.output(OUTPUT.newValue(l), v, DataType.FLOAT, ["batch", "seq", kvDim]);
+    const q = this.rotary(this.peftProjection("q_proj", x, q0!, rows), spec.numHeads, shared);
+    const k = this.rotary(this.peftProjection("k_proj", x, k0!, rows), spec.numKvHeads, shared);
+    const v = this.peftProjection("v_proj", x, v0!, rows);
     // present_key/value are required outputs of the CPU kernel when a past is fed; nothing fetches them.
     const [attn] = g.op("Attention", [q, k, v, INPUT.attentionMask, INPUT.pastKey(l), INPUT.pastValue(l)], {
       outputs: 3,
@@ -265,14 +469,8 @@ class LlamaGraph {
         scale: { float: 1 / Math.sqrt(spec.headDim) },
       },
     });
-    const o = this.peftProjection(
-      l,
-      "o_proj",
-      attn!,
-      this.linear(attn!, `layers.${l}.o_proj`, lw.oProj, d, qDim, lw.oBias),
-      shared,
-    );
-    return this.bottleneck(l, "attn", o, shared);
+    const o = this.peftProjection("o_proj", attn!, this.linear(attn!, p.o), rows);
+    return { out: this.bottleneck("attn", o, rows), key: k, value: v };
   }
 
   private rotary(x: string, numHeads: number, shared: Shared): string {
@@ -296,57 +494,43 @@ class LlamaGraph {
     ]);
   }
 
-  private mlp(l: number, lw: LayerWeights, x: string, shared: Shared): string {
-    const { g, d } = this;
+  private mlp(p: LayerParams, x: string, rows: LayerRows | null): string {
+    const { g } = this;
     const ff = this.spec.intermediateSize;
-    const wgu = concatColumns(
-      [
-        { data: transpose(lw.gateProj, ff, d), cols: ff },
-        { data: transpose(lw.upProj, ff, d), cols: ff },
-      ],
-      d,
-    );
-    const gu = g.op1("MatMul", [x, g.weight(`layers.${l}.gate_up`, [d, 2 * ff], wgu)]);
+    const gu = this.linear(x, p.gateUp);
     const [gate0, up0] = g.op("Split", [gu, g.int64([ff, ff])], { outputs: 2, attrs: { axis: -1 } });
-    const gate = this.peftProjection(l, "gate_proj", x, gate0!, shared);
-    const up = this.peftProjection(l, "up_proj", x, up0!, shared);
+    const gate = this.peftProjection("gate_proj", x, gate0!, rows);
+    const up = this.peftProjection("up_proj", x, up0!, rows);
     let act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up]);
-    if (this.options.peft.ia3Targets.includes("down_proj"))
-      act = g.op1("Mul", [act, this.ia3Scale(l, "down_proj", shared)]);
-    const down = this.peftProjection(
-      l,
-      "down_proj",
-      act,
-      this.linear(act, `layers.${l}.down_proj`, lw.downProj, d, ff, null),
-      shared,
-    );
-    return this.bottleneck(l, "mlp", down, shared);
+    if (rows && this.options.peft.ia3Targets.includes("down_proj"))
+      act = g.op1("Mul", [act, this.ia3Scale("down_proj", rows)]);
+    const down = this.peftProjection("down_proj", act, this.linear(act, p.down), rows);
+    return this.bottleneck("mlp", down, rows);
   }
 
   /** Houlsby adapter on a sublayer output: out + silu(out Wd + bd) Wu + bu (slot 0: zeros = identity). */
-  private bottleneck(l: number, p: BottleneckPlace, out: string, shared: Shared): string {
-    if (!this.options.peft.bottleneck) return out;
+  private bottleneck(p: BottleneckPlace, out: string, rows: LayerRows | null): string {
+    if (!rows || !this.options.peft.bottleneck) return out;
     const { g } = this;
-    const row = this.layerRow(shared.bottleneckRow, l);
-    const axis1 = g.int64([1]);
-    const down = g.op1("Gather", [INPUT.bottleneckDown(p), row]);
-    const downBias = g.op1("Unsqueeze", [g.op1("Gather", [INPUT.bottleneckDownBias(p), row]), axis1]);
-    const up = g.op1("Gather", [INPUT.bottleneckUp(p), row]);
-    const upBias = g.op1("Unsqueeze", [g.op1("Gather", [INPUT.bottleneckUpBias(p), row]), axis1]);
+    const down = g.op1("Gather", [INPUT.bottleneckDown(p), rows.bottleneck]); // [B, D, rb]
+    const downBias = g.op1("Gather", [INPUT.bottleneckDownBias(p), rows.bottleneck1]); // [B, 1, rb]
+    const up = g.op1("Gather", [INPUT.bottleneckUp(p), rows.bottleneck]);
+    const upBias = g.op1("Gather", [INPUT.bottleneckUpBias(p), rows.bottleneck1]);
     const z = g.op1("Add", [g.op1("MatMul", [out, down]), downBias]);
     const act = g.op1("Mul", [z, g.op1("Sigmoid", [z])]);
     return g.op1("Add", [out, g.op1("Add", [g.op1("MatMul", [act, up]), upBias])]);
   }
 
-  private logits(x: string, weights: BaseWeights): void {
+  /** Logits of the requested rows only: [R, D] x head^T. */
+  private logits(x: string, params: ModelParams): void {
     const { g, spec } = this;
     const flat = g.op1("Reshape", [x, g.int64([-1, this.d])]);
     const rows = g.op1("Gather", [flat, INPUT.logitsIndex], { axis: 0 });
-    const head =
-      weights.lmHead === weights.embed
-        ? "embed_tokens"
-        : g.weight("lm_head", [spec.vocabSize, this.d], weights.lmHead);
-    const logits = g.op1("Gemm", [rows, head], { transB: 1 });
+    const head = params.head;
+    const logits =
+      head.kind === "gemm"
+        ? g.op1("Gemm", [rows, head.table], { transB: 1 })
+        : this.linear(rows, { weight: head, bias: null });
     g.output(OUTPUT.logits, logits, DataType.FLOAT, ["num_logits", spec.vocabSize]);
   }
 }

@@ -6,9 +6,17 @@
 export const DataType = { FLOAT: 1, UINT8: 2, INT8: 3, INT32: 6, INT64: 7, BOOL: 9, FLOAT16: 10 } as const;
 export type DataTypeCode = (typeof DataType)[keyof typeof DataType];
 
-const AttributeType = { FLOAT: 1, INT: 2, STRING: 3, TENSOR: 4, FLOATS: 6, INTS: 7 } as const;
+const AttributeType = { FLOAT: 1, INT: 2, STRING: 3, TENSOR: 4, GRAPH: 5, FLOATS: 6, INTS: 7 } as const;
 
-export type AttributeValue = number | bigint | string | number[] | { float: number } | { floats: number[] };
+export type AttributeValue =
+  | number
+  | bigint
+  | string
+  | number[]
+  | { float: number }
+  | { floats: number[] }
+  /** a subgraph (If branches) */
+  | { graph: GraphSpec };
 
 export interface TensorSpec {
   name: string;
@@ -32,21 +40,23 @@ export interface NodeSpec {
 export interface ValueInfoSpec {
   name: string;
   dataType: DataTypeCode;
-  /** number = fixed size, string = symbolic dimension */
-  dims: (number | string)[];
+  /** number = fixed size, string = symbolic dimension; null = shape left unknown (subgraph outputs) */
+  dims: (number | string)[] | null;
+}
+
+export interface GraphSpec {
+  name: string;
+  nodes: NodeSpec[];
+  initializers: TensorSpec[];
+  inputs: ValueInfoSpec[];
+  outputs: ValueInfoSpec[];
 }
 
 export interface ModelSpecProto {
   irVersion: number;
   opsets: { domain: string; version: number }[];
   producerName: string;
-  graph: {
-    name: string;
-    nodes: NodeSpec[];
-    initializers: TensorSpec[];
-    inputs: ValueInfoSpec[];
-    outputs: ValueInfoSpec[];
-  };
+  graph: GraphSpec;
 }
 
 /** Accumulates one message's bytes; nested messages are encoded first and written length-delimited. */
@@ -160,6 +170,9 @@ function writeAttribute(w: Writer, name: string, value: AttributeValue) {
   } else if (Array.isArray(value)) {
     w.packedInts(8, value);
     w.int(20, AttributeType.INTS);
+  } else if ("graph" in value) {
+    w.message(6, (g) => writeGraph(g, value.graph));
+    w.int(20, AttributeType.GRAPH);
   } else if ("float" in value) {
     w.float(2, value.float);
     w.int(20, AttributeType.FLOAT);
@@ -180,11 +193,13 @@ function writeValueInfo(w: Writer, v: ValueInfoSpec) {
   w.message(2, (type) =>
     type.message(1, (tensor) => {
       tensor.int(1, v.dataType);
-      tensor.message(2, (shape) => {
-        for (const d of v.dims) {
-          shape.message(1, (dim) => (typeof d === "number" ? dim.int(1, d) : dim.string(2, d)));
-        }
-      });
+      const dims = v.dims;
+      if (dims)
+        tensor.message(2, (shape) => {
+          for (const d of dims) {
+            shape.message(1, (dim) => (typeof d === "number" ? dim.int(1, d) : dim.string(2, d)));
+          }
+        });
     }),
   );
 }
@@ -199,17 +214,19 @@ function writeNode(w: Writer, n: NodeSpec) {
   if (n.domain) w.string(7, n.domain);
 }
 
+function writeGraph(g: Writer, graph: GraphSpec) {
+  for (const n of graph.nodes) g.message(1, (m) => writeNode(m, n));
+  g.string(2, graph.name);
+  for (const t of graph.initializers) g.message(5, (m) => writeTensor(m, t));
+  for (const v of graph.inputs) g.message(11, (m) => writeValueInfo(m, v));
+  for (const v of graph.outputs) g.message(12, (m) => writeValueInfo(m, v));
+}
+
 export function encodeModel(model: ModelSpecProto): Uint8Array {
   const w = new Writer();
   w.int(1, model.irVersion);
   w.string(2, model.producerName);
-  w.message(7, (g) => {
-    for (const n of model.graph.nodes) g.message(1, (m) => writeNode(m, n));
-    g.string(2, model.graph.name);
-    for (const t of model.graph.initializers) g.message(5, (m) => writeTensor(m, t));
-    for (const v of model.graph.inputs) g.message(11, (m) => writeValueInfo(m, v));
-    for (const v of model.graph.outputs) g.message(12, (m) => writeValueInfo(m, v));
-  });
+  w.message(7, (g) => writeGraph(g, model.graph));
   for (const o of model.opsets) {
     w.message(8, (m) => {
       m.string(1, o.domain);
