@@ -27,6 +27,21 @@ const taskmuxExtension = z.object({ fields: opt(z.record(z.string(), z.string())
 const PROMPT_SHAPES =
   "must be a string, an array of strings, an array of token ids, or an array of token-id arrays";
 
+/** Fields /v1/completions and /v1/chat/completions accept alike (sampling, streaming, extensions). */
+const sharedFields = {
+  temperature: opt(temperature),
+  top_p: opt(topP),
+  top_k: opt(topK),
+  seed: opt(seed),
+  stop: opt(stop),
+  n: opt(z.number().int().min(1)),
+  stream: opt(z.boolean()),
+  stream_options: opt(streamOptions),
+  user: opt(z.string()),
+  ignore_eos: opt(z.boolean()),
+  taskmux: opt(taskmuxExtension),
+};
+
 export const completionRequestSchema = z.object({
   model: opt(z.string()),
   prompt: z.union(
@@ -39,19 +54,9 @@ export const completionRequestSchema = z.object({
     { error: PROMPT_SHAPES },
   ),
   max_tokens: opt(maxTokens),
-  temperature: opt(temperature),
-  top_p: opt(topP),
-  top_k: opt(topK),
-  seed: opt(seed),
-  stop: opt(stop),
-  n: opt(z.number().int().min(1)),
   echo: opt(z.boolean()),
   logprobs: opt(z.number().int().min(0).max(5)),
-  stream: opt(z.boolean()),
-  stream_options: opt(streamOptions),
-  user: opt(z.string()),
-  ignore_eos: opt(z.boolean()),
-  taskmux: opt(taskmuxExtension),
+  ...sharedFields,
 });
 export type CompletionRequest = z.infer<typeof completionRequestSchema>;
 
@@ -70,19 +75,9 @@ export const chatRequestSchema = z.object({
   messages: z.array(chatMessage).min(1),
   max_tokens: opt(maxTokens),
   max_completion_tokens: opt(maxTokens),
-  temperature: opt(temperature),
-  top_p: opt(topP),
-  top_k: opt(topK),
-  seed: opt(seed),
-  stop: opt(stop),
-  n: opt(z.number().int().min(1)),
   logprobs: opt(z.boolean()),
   top_logprobs: opt(z.number().int().min(0).max(20)),
-  stream: opt(z.boolean()),
-  stream_options: opt(streamOptions),
-  user: opt(z.string()),
-  ignore_eos: opt(z.boolean()),
-  taskmux: opt(taskmuxExtension),
+  ...sharedFields,
 });
 export type ChatRequest = z.infer<typeof chatRequestSchema>;
 
