@@ -50,10 +50,9 @@ export class ModelRunner implements ModelBackend {
     const { spec } = this;
     const B = batch.rows.length;
     const T = batch.seqLen;
-    const P = batch.pastLength;
     const seqIds = batch.rows.map((r) => r.seqId);
-    const past = this.kv.assemble(seqIds, P);
-    const kvDims = [B, spec.numKvHeads, P, spec.headDim];
+    const { past, pastFed, mask } = this.pastFor(batch, seqIds);
+    const kvDims = [B, spec.numKvHeads, pastFed, spec.headDim];
     const used = (slots: BigInt64Array) => slots.some((s) => s !== 0n);
     const usage: Record<PoolKind, boolean> = {
       lora: used(batch.loraSlots),
@@ -64,7 +63,7 @@ export class ModelRunner implements ModelBackend {
       ...this.pools.feeds(usage),
       [INPUT.inputIds]: { type: "int64", data: batch.inputIds, dims: [B, T] },
       [INPUT.positionIds]: { type: "int64", data: batch.positionIds, dims: [B, T] },
-      [INPUT.attentionMask]: { type: "bool", data: batch.attentionMask, dims: [B, 1, T, P + T] },
+      [INPUT.attentionMask]: { type: "bool", data: mask, dims: [B, 1, T, pastFed + T] },
       [INPUT.logitsIndex]: { type: "int64", data: batch.logitsIndex, dims: [batch.logitsIndex.length] },
       [INPUT.virtualEmbeddings]: {
         type: "float32",
@@ -102,6 +101,25 @@ export class ModelRunner implements ModelBackend {
       newValues,
     );
     return { logits: out[OUTPUT.logits]!, numLogitRows: batch.logitsIndex.length };
+  }
+
+  /**
+   * Decode steps (one token per row) read the past from the KV store's decode mirror, fed at its capacity
+   * with the mask widened to match; other steps assemble each row's past at exactly the step's length.
+   */
+  private pastFor(batch: StepBatch, seqIds: number[]) {
+    const P = batch.pastLength;
+    if (batch.seqLen !== 1) {
+      return { past: this.kv.assemble(seqIds, P), pastFed: P, mask: batch.attentionMask };
+    }
+    const { keys, values, capacity } = this.kv.assembleDecode(seqIds, P);
+    const B = batch.rows.length;
+    const mask = new Uint8Array(B * (capacity + 1));
+    for (let b = 0; b < B; b++) {
+      mask.set(batch.attentionMask.subarray(b * (P + 1), b * (P + 1) + P), b * (capacity + 1));
+      mask[b * (capacity + 1) + capacity] = batch.attentionMask[b * (P + 1) + P]!;
+    }
+    return { past: { keys, values }, pastFed: capacity, mask };
   }
 
   release(seqIds: readonly number[]): void {
