@@ -85,15 +85,7 @@ function summarize(spec: ModelSpec, rng: Rng, modelDir: string): Files {
       defaults: { temperature: 0.7, max_tokens: 48, stop: ["\n\n"] },
       truncate_field: "passage",
     },
-    "adapter_config.json": {
-      ...peftCommon(spec, modelDir),
-      peft_type: "PROMPT_TUNING",
-      num_virtual_tokens: n,
-      num_transformer_submodules: 1,
-      num_attention_heads: spec.numHeads,
-      prompt_tuning_init: "RANDOM",
-    },
-    "adapter_model.safetensors": { prompt_embeddings: normals(rng, [n, spec.hiddenSize], 0.7) },
+    ...promptTuningTask(spec, rng, modelDir, n),
   };
 }
 

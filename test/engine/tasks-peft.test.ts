@@ -34,6 +34,7 @@ import {
   type ReferenceRun,
   type RunOptions,
   runServed,
+  runStaggered,
   type ServedRun,
   softPromptFile,
   softPromptRows,
@@ -268,28 +269,14 @@ describe("PEFT adapters served per sequence against the reference (issue 6)", ()
     const alone: ServedRun[] = [];
     for (const [i, q] of requests.entries()) alone.push(await run({ ...q, maxTokens: maxTokens(i) }));
     // 10 start together; 6 join while those decode, so prefill chunks share steps with decode rows
-    let decoding!: () => void;
-    const firstToken = new Promise<void>((resolve) => {
-      decoding = resolve;
-    });
-    let finished = 0;
-    let peak = 0;
-    const start = (i: number) =>
-      startRun(stack.service, {
-        ...requests[i]!,
-        requestId: `mix-${i}`,
-        maxTokens: maxTokens(i),
-        onEvent: (e) => {
-          if (e.type === "token") decoding();
-          if (e.type === "finished") finished++;
-          peak = Math.max(peak, stack.engine.numRunningSequences);
-        },
-      });
-    const early = await Promise.all([...Array(10).keys()].map(start));
-    await firstToken;
-    const late = await Promise.all([10, 11, 12, 13, 14, 15].map(start));
-    const earlyFinishedWhenLateJoined = finished;
-    const batched = await Promise.all([...early, ...late].map((s) => s.result));
+    const { batched, earlyFinishedWhenLateJoined, peak } = await runStaggered(
+      stack.service,
+      () => stack.engine.numRunningSequences,
+      requests,
+      maxTokens,
+      10,
+      "mix",
+    );
     assert.ok(earlyFinishedWhenLateJoined < 10, "the late requests joined while early ones were decoding");
     assert.ok(peak >= 10, `requests shared steps (peak ${peak} running)`);
     batched.forEach((b, i) => {

@@ -25,10 +25,10 @@ import {
   makeTaskRoot,
   type RunOptions,
   runServed,
+  runStaggered,
   type ServedRun,
   softPromptFile,
   softPromptRows,
-  startRun,
   writePromptTuningTask,
   writeTaskFolder,
 } from "../helpers/task-fixtures.ts";
@@ -206,28 +206,14 @@ describe("soft prompts and prompt templates against the reference (issue 5)", ()
     const alone: ServedRun[] = [];
     for (const [i, q] of requests.entries()) alone.push(await run({ ...q, maxTokens: maxTokens(i) }));
     // half start together; the other half join once the first half decodes (prefill mixed with decode rows)
-    let firstToken!: () => void;
-    const decoding = new Promise<void>((resolve) => {
-      firstToken = resolve;
-    });
-    let finished = 0;
-    let peak = 0;
-    const start = (i: number) =>
-      startRun(stack.service, {
-        ...requests[i]!,
-        requestId: `batch-${i}`,
-        maxTokens: maxTokens(i),
-        onEvent: (e) => {
-          if (e.type === "token") firstToken();
-          if (e.type === "finished") finished++;
-          peak = Math.max(peak, stack.engine.numRunningSequences);
-        },
-      });
-    const early = await Promise.all([0, 1, 2, 3].map(start));
-    await decoding;
-    const late = await Promise.all([4, 5, 6, 7].map(start));
-    const earlyFinishedWhenLateJoined = finished;
-    const batched = await Promise.all([...early, ...late].map((s) => s.result));
+    const { batched, earlyFinishedWhenLateJoined, peak } = await runStaggered(
+      stack.service,
+      () => stack.engine.numRunningSequences,
+      requests,
+      maxTokens,
+      4,
+      "batch",
+    );
     assert.ok(earlyFinishedWhenLateJoined < 4, "the late requests joined while early ones were decoding");
     assert.ok(peak >= 4, `requests shared steps (peak ${peak} running)`);
     batched.forEach((b, i) => {

@@ -630,3 +630,50 @@ export class ErrorLog {
       console.log(`# ${file} max |diff| ${label}: ${err.toExponential(2)}`);
   }
 }
+
+export interface StaggeredResult {
+  batched: ServedRun[];
+  /** How many early requests had finished when the late ones were admitted. */
+  earlyFinishedWhenLateJoined: number;
+  /** Most sequences running at once. */
+  peak: number;
+}
+
+/**
+ * Run `requests` batched: the first `numEarly` start together, the rest join once the early ones decode,
+ * so prefill chunks of the late ones share steps with decode rows.
+ */
+export async function runStaggered(
+  service: GenerationService,
+  numRunning: () => number,
+  requests: readonly Omit<RunOptions, "maxTokens">[],
+  maxTokens: (i: number) => number,
+  numEarly: number,
+  idPrefix: string,
+): Promise<StaggeredResult> {
+  let markDecoding!: () => void;
+  const decoding = new Promise<void>((resolve) => {
+    markDecoding = resolve;
+  });
+  let finished = 0;
+  let peak = 0;
+  const start = (i: number) =>
+    startRun(service, {
+      ...requests[i]!,
+      requestId: `${idPrefix}-${i}`,
+      maxTokens: maxTokens(i),
+      onEvent: (e) => {
+        if (e.type === "token") markDecoding();
+        if (e.type === "finished") finished++;
+        peak = Math.max(peak, numRunning());
+      },
+    });
+  const early = await Promise.all([...Array(numEarly).keys()].map(start));
+  await decoding;
+  const late = await Promise.all(
+    [...Array(requests.length - numEarly).keys()].map((k) => start(numEarly + k)),
+  );
+  const earlyFinishedWhenLateJoined = finished;
+  const batched = await Promise.all([...early, ...late].map((s) => s.result));
+  return { batched, earlyFinishedWhenLateJoined, peak };
+}
