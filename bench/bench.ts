@@ -16,7 +16,7 @@ import { inspectCheckpoint } from "../src/model/checkpoint.ts";
 import { countParameters } from "../src/model/load-model.ts";
 import { makeModel, PRESETS, type PresetName } from "../src/model/maker/make-model.ts";
 import { compareWithLlamaCpp } from "./compare-llamacpp.ts";
-import { percentile, runLoad } from "./load.ts";
+import { percentile, runLoad, steadyDecodeTokS } from "./load.ts";
 import { measureMachine } from "./machine.ts";
 import { startServer } from "./server-process.ts";
 
@@ -112,8 +112,11 @@ async function main() {
         maxTokens,
       });
       const throughput = r.completionTokens / r.wallS;
-      // Streams of one level run side by side, so their decode rates add up to the aggregate decode rate.
-      const decodeTokS =
+      // Aggregate decode: tokens/s while all c streams decode (prefill steps that start streams excluded).
+      const decodeTokS = steadyDecodeTokS(r);
+      // The streams' own decode rates, summed: a stream's rate also absorbs the prefill steps of the others
+      // that start while it decodes (they interleave with decode steps), so this one is lower.
+      const streamDecodeSumTokS =
         r.decodeRates.reduce((a, b) => a + b, 0) * (requestsPerClient > 1 ? 1 / requestsPerClient : 1);
       // Batch-c decode streams the weights once per step for c tokens: the roofline is c x batch-1's,
       // capped by compute (2 FLOP per parameter per token).
@@ -126,6 +129,7 @@ async function main() {
         generatedTokens: r.completionTokens,
         throughputTokS: throughput,
         decodeTokS,
+        streamDecodeSumTokS,
         rooflineTokS: roofline,
         fractionOfRoofline: throughput / roofline,
         ttftMsP50: percentile(r.ttftMs, 50),
@@ -156,6 +160,7 @@ async function main() {
       ...l,
       speedupVsConcurrency1: base ? l.throughputTokS / base.throughputTokS : null,
       decodeSpeedupVsConcurrency1: base ? l.decodeTokS / base.decodeTokS : null,
+      streamDecodeSumSpeedupVsConcurrency1: base ? l.streamDecodeSumTokS / base.streamDecodeSumTokS : null,
     })),
   };
   const outDir = join(BENCH_DIR, "results");
@@ -185,6 +190,7 @@ function printTable(
     "x conc1": l.speedupVsConcurrency1?.toFixed(2) ?? "-",
     "decode tok/s": l.decodeTokS!.toFixed(1),
     "decode x conc1": l.decodeSpeedupVsConcurrency1?.toFixed(2) ?? "-",
+    "stream-sum x conc1": l.streamDecodeSumSpeedupVsConcurrency1?.toFixed(2) ?? "-",
     roofline: l.rooflineTokS!.toFixed(0),
     "% roof": `${(100 * l.fractionOfRoofline!).toFixed(0)}%`,
     "ttft p50": l.ttftMsP50!.toFixed(0),

@@ -23,6 +23,8 @@ export interface LoadResult {
   itlMs: number[];
   /** Per request: tokens after the first / time from first to last token (a stream's decode rate). */
   decodeRates: number[];
+  /** Per request: its round (the i-th request of each client) and when each streamed token arrived (ms). */
+  streams: { round: number; tokenTimesMs: number[] }[];
   errors: number;
   requests: number;
 }
@@ -57,6 +59,8 @@ async function oneRequest(
   let first = 0;
   let chunks = 0;
   let buffer = "";
+  const times: number[] = [];
+  result.streams.push({ round: i, tokenTimesMs: times });
   for await (const chunk of body) {
     buffer += chunk.toString();
     let nl = buffer.indexOf("\n\n");
@@ -83,6 +87,7 @@ async function oneRequest(
         } else result.itlMs.push(now - last);
         last = now;
         chunks++;
+        times.push(now);
       }
     }
   }
@@ -98,6 +103,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
     ttftMs: [],
     itlMs: [],
     decodeRates: [],
+    streams: [],
     errors: 0,
     requests: 0,
   };
@@ -115,6 +121,27 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   );
   result.wallS = (performance.now() - started) / 1000;
   return result;
+}
+
+/**
+ * Aggregate decode rate while every stream of a round is decoding. A round is the i-th request of each client;
+ * its window runs from the round's last first token to its first last token, so the prefill steps that start
+ * the streams fall outside it; every token delivered inside the window counts. NaN when no round has a window.
+ */
+export function steadyDecodeTokS(result: LoadResult): number {
+  let tokens = 0;
+  let ms = 0;
+  const rounds = new Set(result.streams.map((s) => s.round));
+  for (const round of rounds) {
+    const streams = result.streams.filter((s) => s.round === round && s.tokenTimesMs.length > 1);
+    if (streams.length === 0) continue;
+    const from = Math.max(...streams.map((s) => s.tokenTimesMs[0]!));
+    const to = Math.min(...streams.map((s) => s.tokenTimesMs.at(-1)!));
+    if (to <= from) continue;
+    ms += to - from;
+    for (const s of result.streams) for (const t of s.tokenTimesMs) if (t > from && t <= to) tokens++;
+  }
+  return ms > 0 ? tokens / (ms / 1000) : Number.NaN;
 }
 
 export function percentile(values: number[], p: number): number {

@@ -11,7 +11,7 @@ import type { TextTokenizer } from "../model/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { type EngineEvent, EventChannel, type FinishReason } from "./events.ts";
 import { KvCacheAccount } from "./kv-cache.ts";
-import { createSamplerRng, logSoftmaxRow, sampleToken, topLogprobs } from "./sampler.ts";
+import { allFinite, createSamplerRng, logSoftmaxRow, sampleToken, topLogprobs } from "./sampler.ts";
 import { type ScheduledStep, Scheduler, type SchedulerOptions } from "./scheduler.ts";
 import { type GenerationParams, Sequence, type SequenceAdapters } from "./sequence.ts";
 import { EngineStats } from "./stats.ts";
@@ -279,7 +279,7 @@ export class Engine {
       for (const { seq } of step.works) this.fail(seq, failure);
       return;
     }
-    this.stats.stepDone(step.kind, works.length, built.batch.inputIds.length, performance.now() - started);
+    this.stats.stepDone(step.kind, works.length, performance.now() - started);
     const V = this.spec.vocabSize;
     const rowsByWork = new Map<number, { token: number; row: Float32Array }[]>();
     built.owners.forEach((owner, r) => {
@@ -309,8 +309,7 @@ export class Engine {
     rows: { token: number; row: Float32Array }[],
   ) {
     for (const { row } of rows) {
-      if (row.some((v) => !Number.isFinite(v)))
-        throw new TaskmuxError("internal", "the model produced non-finite logits");
+      if (!allFinite(row)) throw new TaskmuxError("internal", "the model produced non-finite logits");
     }
     const promptLength = seq.promptTokens.length;
     if (seq.params.promptLogprobs !== null && start < promptLength)

@@ -28,7 +28,11 @@ const keyOf = (task: string | null): TaskKey => task ?? "";
 export class EngineStats {
   readonly timeToFirstToken = new Histogram(LATENCY_BOUNDS_S);
   readonly interTokenLatency = new Histogram(LATENCY_BOUNDS_S);
-  readonly stepSeconds = new Histogram(LATENCY_BOUNDS_S);
+  /** Model time of one step (forward only), by step kind: decode steps are what streams wait on. */
+  readonly stepSeconds = {
+    decode: new Histogram(LATENCY_BOUNDS_S),
+    prefill: new Histogram(LATENCY_BOUNDS_S),
+  };
   readonly batchSize = new Histogram(BATCH_BOUNDS);
   readonly promptTokens = new Map<TaskKey, number>();
   readonly generatedTokens = new Map<TaskKey, number>();
@@ -42,11 +46,11 @@ export class EngineStats {
     this.numQueued++;
   }
 
-  stepDone(_kind: "decode" | "prefill", rows: number, _paddedTokens: number, ms: number): void {
+  stepDone(kind: "decode" | "prefill", rows: number, ms: number): void {
     this.numSteps++;
     this.lastBatchSize = rows;
     this.batchSize.observe(rows);
-    this.stepSeconds.observe(ms / 1000);
+    this.stepSeconds[kind].observe(ms / 1000);
   }
 
   tokenGenerated(seq: Sequence, nowMs: number): void {

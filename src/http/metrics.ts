@@ -119,7 +119,10 @@ function renderEngine(out: Exposition, service: GenerationService): void {
       "Time between consecutive generated tokens",
       engine.interTokenLatency,
     )
-    .histogram("taskmux_step_seconds", "Duration of one engine step", engine.stepSeconds)
+    .histograms("taskmux_step_seconds", "Model time of one engine step, by step kind", [
+      [{ kind: "decode" }, engine.stepSeconds.decode],
+      [{ kind: "prefill" }, engine.stepSeconds.prefill],
+    ])
     .histogram("taskmux_batch_size", "Sequences per engine step", engine.batchSize);
 }
 

@@ -37,13 +37,20 @@ export class Exposition {
   }
 
   histogram(name: string, help: string, histogram: Histogram, labels: Labels = {}): this {
+    return this.histograms(name, help, [[labels, histogram]]);
+  }
+
+  /** One histogram family with a series per label set (e.g. step time by step kind). */
+  histograms(name: string, help: string, series: [labels: Labels, histogram: Histogram][]): this {
     this.header(name, "histogram", help);
-    histogram.bounds.forEach((bound, i) => {
-      this.sample(`${name}_bucket`, { ...labels, le: formatValue(bound) }, histogram.counts[i]!);
-    });
-    this.sample(`${name}_bucket`, { ...labels, le: "+Inf" }, histogram.count);
-    this.sample(`${name}_sum`, labels, histogram.sum);
-    this.sample(`${name}_count`, labels, histogram.count);
+    for (const [labels, histogram] of series) {
+      histogram.bounds.forEach((bound, i) => {
+        this.sample(`${name}_bucket`, { ...labels, le: formatValue(bound) }, histogram.counts[i]!);
+      });
+      this.sample(`${name}_bucket`, { ...labels, le: "+Inf" }, histogram.count);
+      this.sample(`${name}_sum`, labels, histogram.sum);
+      this.sample(`${name}_count`, labels, histogram.count);
+    }
     return this;
   }
 

@@ -19,6 +19,12 @@ export interface KvShape {
 }
 
 const MIN_CAPACITY = 64;
+/**
+ * The decode mirror's capacity grows in steps of this many positions. Decode attention reads all `capacity`
+ * positions, so slack costs every step, while a regrowth re-copies every row's past once per step size:
+ * 32 keeps the slack near 16 positions at the price of one re-copy every 32 steps.
+ */
+const MIRROR_GRANULE = 32;
 
 /**
  * The past of the rows of the last decode step, laid out [B, KVH, capacity, HS]: while the same rows keep
@@ -150,7 +156,7 @@ export class KvStore {
       m = this.newMirror(
         rowsKey,
         seqIds.length,
-        Math.max(MIN_CAPACITY, 2 ** Math.ceil(Math.log2(pastLength + 1))),
+        Math.ceil((pastLength + 1) / MIRROR_GRANULE) * MIRROR_GRANULE,
       );
     }
     const { numLayers, numKvHeads, headDim } = this.shape;

@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
+  allFinite,
   argmax,
   createSamplerRng,
   logSoftmaxRow,
@@ -49,6 +50,18 @@ const GREEDY_ROWS: { name: string; logits: Float32Array; expected: number }[] = 
   { name: "tie takes the lowest index", logits: row(1, 4, 4, 0), expected: 1 },
   { name: "single entry", logits: row(42), expected: 0 },
 ];
+
+test("allFinite rejects a row with NaN, +Infinity or -Infinity anywhere", () => {
+  const row = Float32Array.from({ length: 1000 }, (_, i) => Math.sin(i) * 1e30);
+  assert.equal(allFinite(row), true, "a row of large finite values is finite");
+  for (const bad of [Number.NaN, Number.POSITIVE_INFINITY, Number.NEGATIVE_INFINITY]) {
+    for (const at of [0, 517, 999]) {
+      const copy = Float32Array.from(row);
+      copy[at] = bad;
+      assert.equal(allFinite(copy), false, `${bad} at ${at} must be caught`);
+    }
+  }
+});
 
 test("greedy (temperature 0) returns the argmax, the lowest index on ties", () => {
   const rng = makeRng(1);
