@@ -115,6 +115,20 @@ describe("GET /metrics", () => {
     );
   });
 
+  it("exports step time per step kind, one family with a series each", async () => {
+    const { app, service } = setup();
+    service.engineStats.stepDone("decode", 8, 30);
+    service.engineStats.stepDone("decode", 8, 40);
+    service.engineStats.stepDone("prefill", 2, 300);
+    const text = await (await app.request("/metrics")).text();
+    assert.equal(sample(text, 'taskmux_step_seconds_count{kind="decode"}'), 2);
+    assert.ok(Math.abs(sample(text, 'taskmux_step_seconds_sum{kind="decode"}')! - 0.07) < 1e-9, "decode sum");
+    assert.equal(sample(text, 'taskmux_step_seconds_bucket{kind="prefill",le="0.25"}'), 0);
+    assert.equal(sample(text, 'taskmux_step_seconds_bucket{kind="prefill",le="0.5"}'), 1);
+    assert.equal(text.match(/# TYPE taskmux_step_seconds histogram/g)?.length, 1, "one TYPE line");
+    assert.equal(sample(text, "taskmux_steps_total"), 3);
+  });
+
   it("exports queue, running, KV-cache, batch and adapter gauges, also under vLLM's names", async () => {
     const { app, service } = setup();
     service.statsOverride = {
