@@ -27,12 +27,26 @@ export interface ServerHandle {
 
 export async function startServer(
   args: string[],
-  options: { readyTimeoutMs?: number; env?: NodeJS.ProcessEnv } = {},
+  options: {
+    readyTimeoutMs?: number;
+    env?: NodeJS.ProcessEnv /** e.g. --cpu-prof */;
+    nodeArgs?: string[];
+  } = {},
 ): Promise<ServerHandle> {
   const port = await freePort();
   const child = spawn(
     process.execPath,
-    ["--import", "tsx", MAIN, "--port", String(port), "--host", "127.0.0.1", ...args],
+    [
+      ...(options.nodeArgs ?? []),
+      "--import",
+      "tsx",
+      MAIN,
+      "--port",
+      String(port),
+      "--host",
+      "127.0.0.1",
+      ...args,
+    ],
     {
       stdio: ["ignore", "pipe", "pipe"],
       env: { ...process.env, TASKMUX_LOG_LEVEL: "warn", ...options.env },

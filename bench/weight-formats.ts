@@ -26,7 +26,7 @@ import { inspectCheckpoint } from "../src/model/checkpoint.ts";
 import type { PeftLayout } from "../src/model/contract.ts";
 import { makeModel } from "../src/model/maker/make-model.ts";
 import { logSoftmax } from "../src/model/reference.ts";
-import { ModelRunner } from "../src/model/runner.ts";
+import { logitsOf, ModelRunner } from "../src/model/runner.ts";
 import { cpuTicks, foreignCores, promptIds } from "./compare-llamacpp.ts";
 
 const BENCH_DIR = fileURLToPath(new URL(".", import.meta.url));
@@ -108,7 +108,7 @@ async function teacherForced(
   );
   const out = await runner.forward(pre.batch);
   for (let t = 0; t < promptLength; t++)
-    logprobs.push(logSoftmax(out.logits.subarray(t * vocab, (t + 1) * vocab)));
+    logprobs.push(logSoftmax(logitsOf(out).subarray(t * vocab, (t + 1) * vocab)));
   // Only the steps themselves are timed (building the batch + forward), not the logprob bookkeeping.
   let decodeMs = 0;
   for (let p = promptLength; p < seq.length; p++) {
@@ -120,7 +120,7 @@ async function teacherForced(
     );
     const o = await runner.forward(step.batch);
     decodeMs += performance.now() - t0;
-    logprobs.push(logSoftmax(o.logits.subarray(0, vocab)));
+    logprobs.push(logSoftmax(logitsOf(o).subarray(0, vocab)));
   }
   runner.release([seqId]);
   return { logprobs, decodeMs, foreign: foreignCores(ticks, cpuTicks()) };
@@ -169,7 +169,7 @@ async function measureModel(name: string) {
       buildStep([{ seqId: id, tokens: seq, pastLength: 0, logits: "last", ...blank }], V, D).batch,
     );
     for (let i = 0; i < gen; i++) {
-      const next = argmax(out.logits.subarray(0, V));
+      const next = argmax(logitsOf(out).subarray(0, V));
       continuation.push(next);
       seq.push(next);
       if (i + 1 < gen)

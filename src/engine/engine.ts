@@ -5,13 +5,13 @@
  */
 import { invalidRequest, TaskmuxError } from "../errors.ts";
 import { createLogger } from "../log.ts";
-import type { ModelBackend } from "../model/contract.ts";
+import type { ModelBackend, StepResult } from "../model/contract.ts";
 import type { ModelSpec } from "../model/model-spec.ts";
 import type { TextTokenizer } from "../model/tokenizer.ts";
 import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { type EngineEvent, EventChannel, type FinishReason } from "./events.ts";
 import { KvCacheAccount } from "./kv-cache.ts";
-import { allFinite, createSamplerRng, logSoftmaxRow, sampleToken, topLogprobs } from "./sampler.ts";
+import { createSamplerRng, isGreedy, logSoftmaxRow, sampleToken, topLogprobs } from "./sampler.ts";
 import { type ScheduledStep, Scheduler, type SchedulerOptions } from "./scheduler.ts";
 import { type GenerationParams, Sequence, type SequenceAdapters } from "./sequence.ts";
 import { EngineStats } from "./stats.ts";
@@ -42,6 +42,21 @@ export interface GenerateRequest {
 export interface Submission {
   seqId: number;
   events: AsyncIterable<EngineEvent>;
+}
+
+/** One logits row of a step, as postprocessing reads it. */
+interface LogitsRow {
+  /** new-token index within the work item */
+  token: number;
+  /** null when the step did not fetch logits (no work read them: see StepWork.readsLogitValues) */
+  values: Float32Array | null;
+  greedyToken: number;
+  finite: boolean;
+}
+
+function valuesOf(values: Float32Array | null): Float32Array {
+  if (!values) throw new TaskmuxError("internal", "a step read logits it did not fetch");
+  return values;
 }
 
 const IDENTITY_ADAPTERS: SequenceAdapters = { loraSlot: 0, ia3Slot: 0, bottleneckSlot: 0 };
@@ -260,6 +275,7 @@ export class Engine {
         tokens,
         pastLength: seq.prefixLength + start,
         logits: scoring ? "all" : completes ? "last" : "none",
+        readsLogitValues: scoring || !isGreedy(seq.params) || seq.params.logprobs !== null,
         virtualTable: seq.adapters.virtualTable,
         loraSlot: seq.adapters.loraSlot,
         ia3Slot: seq.adapters.ia3Slot,
@@ -268,9 +284,9 @@ export class Engine {
     });
     const built = buildStep(works, this.spec.vocabSize, this.spec.hiddenSize);
     const started = performance.now();
-    let logits: Float32Array;
+    let result: StepResult;
     try {
-      logits = (await this.backend.forward(built.batch)).logits;
+      result = await this.backend.forward(built.batch);
     } catch (error) {
       log.error("step failed", { kind: step.kind, rows: works.length, error });
       const failure = new TaskmuxError("internal", `model step failed: ${(error as Error).message}`, {
@@ -281,10 +297,16 @@ export class Engine {
     }
     this.stats.stepDone(step.kind, works.length, performance.now() - started);
     const V = this.spec.vocabSize;
-    const rowsByWork = new Map<number, { token: number; row: Float32Array }[]>();
+    const { logits, greedyTokens, finiteRows } = result;
+    const rowsByWork = new Map<number, LogitsRow[]>();
     built.owners.forEach((owner, r) => {
       const list = rowsByWork.get(owner.work) ?? [];
-      list.push({ token: owner.token, row: logits.subarray(r * V, (r + 1) * V) });
+      list.push({
+        token: owner.token,
+        values: logits ? logits.subarray(r * V, (r + 1) * V) : null,
+        greedyToken: greedyTokens[r]!,
+        finite: finiteRows[r] === 1,
+      });
       rowsByWork.set(owner.work, list);
     });
     step.works.forEach(({ seq, numTokens }, w) => {
@@ -302,15 +324,9 @@ export class Engine {
     });
   }
 
-  private postprocess(
-    seq: Sequence,
-    start: number,
-    numTokens: number,
-    rows: { token: number; row: Float32Array }[],
-  ) {
-    for (const { row } of rows) {
-      if (!allFinite(row)) throw new TaskmuxError("internal", "the model produced non-finite logits");
-    }
+  private postprocess(seq: Sequence, start: number, numTokens: number, rows: LogitsRow[]) {
+    if (!rows.every((r) => r.finite))
+      throw new TaskmuxError("internal", "the model produced non-finite logits");
     const promptLength = seq.promptTokens.length;
     if (seq.params.promptLogprobs !== null && start < promptLength)
       this.collectPromptLogprobs(seq, start, rows);
@@ -321,7 +337,7 @@ export class Engine {
     }
     const last = rows.find((r) => r.token === numTokens - 1);
     if (!last) throw new TaskmuxError("internal", "no logits for the sampling row");
-    this.emitToken(seq, last.row);
+    this.emitToken(seq, last);
   }
 
   private readonly promptScores = new Map<
@@ -329,14 +345,14 @@ export class Engine {
     { tokenId: number; logprob: number | null; topLogprobs: ReturnType<typeof topLogprobs> }[]
   >();
 
-  private collectPromptLogprobs(seq: Sequence, start: number, rows: { token: number; row: Float32Array }[]) {
+  private collectPromptLogprobs(seq: Sequence, start: number, rows: LogitsRow[]) {
     const entries = this.promptScores.get(seq.id) ?? [
       { tokenId: seq.promptTokens[0]!, logprob: null, topLogprobs: [] },
     ];
-    for (const { token, row } of rows) {
+    for (const { token, values } of rows) {
       const next = start + token + 1; // logits at position i predict token i + 1
       if (next >= seq.promptTokens.length) continue;
-      const lsm = logSoftmaxRow(row);
+      const lsm = logSoftmaxRow(valuesOf(values));
       const tokenId = seq.promptTokens[next]!;
       entries.push({
         tokenId,
@@ -353,8 +369,10 @@ export class Engine {
     }
   }
 
-  private emitToken(seq: Sequence, row: Float32Array): void {
-    const token = sampleToken(row, seq.params, seq.rng);
+  private emitToken(seq: Sequence, row: LogitsRow): void {
+    const token = isGreedy(seq.params)
+      ? row.greedyToken
+      : sampleToken(valuesOf(row.values), seq.params, seq.rng);
     seq.outputTokens.push(token);
     const now = performance.now();
     this.stats.tokenGenerated(seq, now);
@@ -364,7 +382,7 @@ export class Engine {
     let logprob: number | undefined;
     let top: ReturnType<typeof topLogprobs> | undefined;
     if (seq.params.logprobs !== null) {
-      const lsm = logSoftmaxRow(row);
+      const lsm = logSoftmaxRow(valuesOf(row.values));
       logprob = lsm[token]!;
       top = topLogprobs(lsm, seq.params.logprobs);
     }

@@ -95,8 +95,13 @@ export function topLogprobs(logprobs: Float64Array, n: number): TokenLogprob[] {
  * Pick the next token. Plain temperature sampling walks the distribution once; top-k uses a heap of k;
  * top-p finds its probability threshold with one native sort of the probabilities (no index sort).
  */
+/** Greedy requests take the argmax: the graph's greedy_token, or argmax() over a row (the same choice). */
+export function isGreedy(params: SamplingParams): boolean {
+  return params.temperature === 0 || params.topK === 1;
+}
+
 export function sampleToken(row: Float32Array, params: SamplingParams, rng: Rng): number {
-  if (params.temperature === 0 || params.topK === 1) return argmax(row);
+  if (isGreedy(params)) return argmax(row);
   const invT = 1 / params.temperature;
   let max = Number.NEGATIVE_INFINITY;
   for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;

@@ -14,6 +14,11 @@ export interface StepWork {
   pastLength: number;
   /** Which of the new tokens need logits back. */
   logits: "last" | "all" | "none";
+  /**
+   * Whether the engine reads those rows' logit values (sampling, logprobs, scoring) rather than only their
+   * greedy token; default true. A step fetches the [R, V] logits only if some work does.
+   */
+  readsLogitValues?: boolean;
   /** [n, D] soft-prompt rows this sequence's virtual ids address. */
   virtualTable?: Float32Array;
   loraSlot: number;
@@ -82,6 +87,7 @@ export function buildStep(works: readonly StepWork[], vocabSize: number, hiddenS
       loraSlots: slots((w) => w.loraSlot),
       ia3Slots: slots((w) => w.ia3Slot),
       bottleneckSlots: slots((w) => w.bottleneckSlot),
+      fetchLogits: works.some((w) => w.logits !== "none" && (w.readsLogitValues ?? true)),
     },
     owners,
   };

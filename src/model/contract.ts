@@ -17,7 +17,9 @@
  *   bottleneck_down.{p} [S*L, D, rb], bottleneck_down_bias.{p} [S*L, rb],
  *   bottleneck_up.{p} [S*L, rb, D], bottleneck_up_bias.{p} [S*L, D]   p in {attn, mlp}; rb may be 0
  * Outputs:
- *   logits            float [R, V]
+ *   logits            float [R, V]   fetched only when some row reads logit values (StepBatch.fetchLogits)
+ *   greedy_token      int64 [R]      argmax of each logits row (lowest id on ties)
+ *   logits_row_sum    float [R]      finite exactly when the row is (a NaN/Inf anywhere makes the sum NaN/Inf)
  *   new_key.{l}, new_value.{l} float [B, T, KVH * HS]  this step's (rotated) keys/values, appended by the runner
  */
 
@@ -69,6 +71,8 @@ export const INPUT = {
 
 export const OUTPUT = {
   logits: "logits",
+  greedyToken: "greedy_token",
+  logitsRowSum: "logits_row_sum",
   newKey: (layer: number) => `new_key.${layer}`,
   newValue: (layer: number) => `new_value.${layer}`,
 } as const;
@@ -185,12 +189,21 @@ export interface StepBatch {
   loraSlots: BigInt64Array;
   ia3Slots: BigInt64Array;
   bottleneckSlots: BigInt64Array;
+  /**
+   * Whether to fetch the [R, V] logits. A step whose rows all decode greedily without logprobs needs only
+   * greedy_token: not fetching spares the binding's copy of R x V floats and the sampler's pass over them.
+   */
+  fetchLogits: boolean;
 }
 
 export interface StepResult {
-  /** [R, vocab] in logitsIndex order */
-  logits: Float32Array;
+  /** [R, vocab] in logitsIndex order; null when the batch did not fetch them */
+  logits: Float32Array | null;
   numLogitRows: number;
+  /** [R] the argmax of each logits row (lowest id on ties): the greedy token */
+  greedyTokens: Int32Array;
+  /** [R] 1 when every logit of the row is finite */
+  finiteRows: Uint8Array;
 }
 
 export type AdapterPoolKind = "lora" | "ia3" | "bottleneck";

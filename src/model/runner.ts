@@ -24,9 +24,16 @@ export interface RunnerOptions extends SessionOptions {
   pools: PoolCapacity;
 }
 
+/** The logits of a step that fetched them (every step built with the default readsLogitValues does). */
+export function logitsOf(result: StepResult): Float32Array {
+  if (!result.logits) throw new Error("the step did not fetch logits (StepBatch.fetchLogits was false)");
+  return result.logits;
+}
+
 export class ModelRunner implements ModelBackend {
   readonly kv: KvStore;
   readonly pools: PeftPools;
+  /** new_key/new_value of every layer, then greedy_token and logits_row_sum; logits are added when fetched. */
   private readonly outputNames: string[];
 
   private constructor(
@@ -37,7 +44,7 @@ export class ModelRunner implements ModelBackend {
   ) {
     this.kv = new KvStore({ numLayers: spec.numLayers, numKvHeads: spec.numKvHeads, headDim: spec.headDim });
     this.pools = new PeftPools(spec, peft, pools);
-    this.outputNames = [OUTPUT.logits];
+    this.outputNames = [OUTPUT.greedyToken, OUTPUT.logitsRowSum];
     for (let l = 0; l < spec.numLayers; l++) this.outputNames.push(OUTPUT.newKey(l), OUTPUT.newValue(l));
   }
 
@@ -86,12 +93,13 @@ export class ModelRunner implements ModelBackend {
       feeds[INPUT.pastKey(l)] = { type: "float32", data: past.keys[l]!, dims: kvDims };
       feeds[INPUT.pastValue(l)] = { type: "float32", data: past.values[l]!, dims: kvDims };
     }
-    const out = await this.session.run(feeds, this.outputNames);
+    const fetched = batch.fetchLogits ? [OUTPUT.logits, ...this.outputNames] : this.outputNames;
+    const out = await this.session.run(feeds, fetched);
     const newKeys: Float32Array[] = [];
     const newValues: Float32Array[] = [];
     for (let l = 0; l < spec.numLayers; l++) {
-      newKeys.push(out[OUTPUT.newKey(l)]!);
-      newValues.push(out[OUTPUT.newValue(l)]!);
+      newKeys.push(out.float32(OUTPUT.newKey(l)));
+      newValues.push(out.float32(OUTPUT.newValue(l)));
     }
     this.kv.append(
       seqIds,
@@ -100,7 +108,16 @@ export class ModelRunner implements ModelBackend {
       newKeys,
       newValues,
     );
-    return { logits: out[OUTPUT.logits]!, numLogitRows: batch.logitsIndex.length };
+    const R = batch.logitsIndex.length;
+    const greedy = out.int64(OUTPUT.greedyToken);
+    const sums = out.float32(OUTPUT.logitsRowSum);
+    return {
+      logits: batch.fetchLogits ? out.float32(OUTPUT.logits) : null,
+      numLogitRows: R,
+      greedyTokens: Int32Array.from(greedy, Number),
+      // A row sum is finite only if every logit is (barring an overflow of the sum itself, > 3e38).
+      finiteRows: Uint8Array.from(sums, (s) => (Number.isFinite(s) ? 1 : 0)),
+    };
   }
 
   /**

@@ -13,6 +13,23 @@ export interface SessionOptions {
   executionProviders?: string[];
 }
 
+/** The fetched outputs of one run, read with the element type the caller expects (checked). */
+export class SessionOutputs {
+  constructor(private readonly values: Map<string, unknown>) {}
+
+  float32(name: string): Float32Array {
+    const v = this.values.get(name);
+    if (!(v instanceof Float32Array)) throw new Error(`output ${name} is not a fetched float32 tensor`);
+    return v;
+  }
+
+  int64(name: string): BigInt64Array {
+    const v = this.values.get(name);
+    if (!(v instanceof BigInt64Array)) throw new Error(`output ${name} is not a fetched int64 tensor`);
+    return v;
+  }
+}
+
 export class ModelSession {
   private constructor(
     private readonly session: ort.InferenceSession,
@@ -34,19 +51,16 @@ export class ModelSession {
     return new ModelSession(session, session.inputNames, session.outputNames);
   }
 
-  /** Run one step; returns only the requested outputs as Float32Arrays (each one a fresh copy from the binding). */
-  async run(
-    feeds: Record<string, FeedValue>,
-    outputs: readonly string[],
-  ): Promise<Record<string, Float32Array>> {
+  /** Run one step; returns only the requested outputs (each one a fresh copy from the binding). */
+  async run(feeds: Record<string, FeedValue>, outputs: readonly string[]): Promise<SessionOutputs> {
     const tensors: Record<string, ort.Tensor> = {};
     for (const [name, value] of Object.entries(feeds)) {
       tensors[name] = new ort.Tensor(value.type, value.data, value.dims);
     }
     const result = await this.session.run(tensors, outputs as string[]);
-    const out: Record<string, Float32Array> = {};
-    for (const name of outputs) out[name] = result[name]!.data as Float32Array;
-    return out;
+    const values = new Map<string, unknown>();
+    for (const name of outputs) values.set(name, result[name]!.data);
+    return new SessionOutputs(values);
   }
 
   async dispose(): Promise<void> {

@@ -26,7 +26,9 @@ port.on("message", async (request: WorkerRequest) => {
     switch (request.kind) {
       case "forward": {
         const result = await runner.forward(request.batch);
-        reply({ id: request.id, ok: true, kind: "forward", result }, [result.logits.buffer as ArrayBuffer]);
+        const buffers = [result.greedyTokens.buffer, result.finiteRows.buffer];
+        if (result.logits) buffers.push(result.logits.buffer);
+        reply({ id: request.id, ok: true, kind: "forward", result }, buffers as ArrayBuffer[]);
         return;
       }
       case "release":

@@ -117,6 +117,19 @@ test("a step where no work wants logits returns an empty logits index", () => {
   assert.deepEqual(owners, []);
 });
 
+test("logits are fetched only when some work with logits rows reads their values (default: it does)", () => {
+  const fetch = (...works: StepWork[]) => buildStep(works, VOCAB, HIDDEN).batch.fetchLogits;
+  assert.equal(fetch(makeWork()), true, "default reads values");
+  assert.equal(fetch(makeWork({ readsLogitValues: false })), false, "greedy-only row");
+  assert.equal(fetch(makeWork({ readsLogitValues: false }), makeWork({ readsLogitValues: false })), false);
+  assert.equal(fetch(makeWork({ readsLogitValues: false }), makeWork({ readsLogitValues: true })), true);
+  assert.equal(
+    fetch(makeWork({ readsLogitValues: false }), makeWork({ logits: "none" })),
+    false,
+    "none reads nothing",
+  );
+});
+
 test("virtual ids are remapped into a step-local table after a zero pad row, shared tables placed once", () => {
   const x = Float32Array.from([1, 1, 2, 2]); // 2 rows
   const y = Float32Array.from([3, 3, 4, 4, 5, 5]); // 3 rows

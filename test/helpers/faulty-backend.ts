@@ -44,10 +44,15 @@ export class FaultyBackend implements ModelBackend {
     const result = await this.inner.forward(batch);
     const poisoned = this.faults.poisonSeqIds;
     if (poisoned && poisoned.size > 0) {
-      const vocab = result.logits.length / result.numLogitRows;
       for (let r = 0; r < result.numLogitRows; r++) {
         const row = Math.floor(Number(batch.logitsIndex[r]) / batch.seqLen);
-        if (poisoned.has(batch.rows[row]!.seqId)) result.logits.fill(Number.NaN, r * vocab, (r + 1) * vocab);
+        if (!poisoned.has(batch.rows[row]!.seqId)) continue;
+        // What a NaN-producing model looks like from outside: the row's sum is NaN, its values NaN.
+        result.finiteRows[r] = 0;
+        if (result.logits) {
+          const vocab = result.logits.length / result.numLogitRows;
+          result.logits.fill(Number.NaN, r * vocab, (r + 1) * vocab);
+        }
       }
     }
     return result;

@@ -18,7 +18,7 @@ import {
   machineFacts,
   probeDevice,
 } from "../../src/model/device.ts";
-import { ModelRunner } from "../../src/model/runner.ts";
+import { logitsOf, ModelRunner } from "../../src/model/runner.ts";
 import { TEST_CACHE_DIR } from "../helpers/tiny-model.ts";
 
 const STORIES = fileURLToPath(new URL("../../../shared/models/stories260k/", import.meta.url));
@@ -55,7 +55,7 @@ test("stories260k greedy output on the accelerator equals the recorded one", asy
       info.spec.hiddenSize,
     );
     for (let n = 0; n < c.completion_ids.length; n++) {
-      const next = argmax((await runner.forward(step.batch)).logits.subarray(0, V));
+      const next = argmax(logitsOf(await runner.forward(step.batch)).subarray(0, V));
       tokens.push(next);
       step = buildStep(
         [{ seqId: i + 1, tokens: [next], pastLength: tokens.length - 1, logits: "last", ...blank }],

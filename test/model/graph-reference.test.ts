@@ -4,6 +4,7 @@ import { argmax } from "../../src/engine/sampler.ts";
 import { buildStep, type StepWork } from "../../src/engine/step-builder.ts";
 import type { ModelSpec } from "../../src/model/model-spec.ts";
 import { referenceForward } from "../../src/model/reference.ts";
+import { logitsOf } from "../../src/model/runner.ts";
 import { relativeError, runnerFor } from "../helpers/graph-runner.ts";
 import { makeRandomModel } from "../helpers/random-model.ts";
 
@@ -72,14 +73,14 @@ describe("graph logits equal the plain-TypeScript reference", () => {
       built.owners.forEach((owner, r) => {
         const ref = referenceForward(spec, weights, { tokens: prompts[owner.work]! });
         const err = relativeError(
-          result.logits.subarray(r * V, (r + 1) * V),
+          logitsOf(result).subarray(r * V, (r + 1) * V),
           ref.subarray(owner.token * V, (owner.token + 1) * V),
         );
         worst = Math.max(worst, err);
       });
       for (let s = 0; s < 2; s++) {
         const lastRow = built.owners.findLastIndex((o) => o.work === s);
-        sequences[s]!.push(argmax(result.logits.subarray(lastRow * V, (lastRow + 1) * V)));
+        sequences[s]!.push(argmax(logitsOf(result).subarray(lastRow * V, (lastRow + 1) * V)));
       }
       for (let step = 0; step < 8; step++) {
         const decode = buildStep(
@@ -96,8 +97,10 @@ describe("graph logits equal the plain-TypeScript reference", () => {
         const out = await runner.forward(decode.batch);
         sequences.forEach((seq, i) => {
           const ref = referenceForward(spec, weights, { tokens: seq });
-          const row = out.logits.subarray(i * V, (i + 1) * V);
+          const row = logitsOf(out).subarray(i * V, (i + 1) * V);
           worst = Math.max(worst, relativeError(row, ref.subarray((seq.length - 1) * V, seq.length * V)));
+          assert.equal(out.greedyTokens[i], argmax(row), "greedy_token is the argmax of the row");
+          assert.equal(out.finiteRows[i], 1, "a finite row is reported finite");
           seq.push(argmax(row));
         });
       }
@@ -106,6 +109,37 @@ describe("graph logits equal the plain-TypeScript reference", () => {
       await runner.dispose();
     });
   }
+
+  test("a step whose rows only need their greedy token fetches no logits and returns the same tokens", async () => {
+    const { spec, weights } = makeRandomModel(CONFIGS[1]!.spec, 5, { std: 0.08 });
+    const runner = await runnerFor(spec, weights);
+    const works = (reads: boolean): StepWork[] =>
+      [
+        [5, 9, 1],
+        [7, 7, 30, 2],
+      ].map((tokens, i) => ({
+        seqId: i + (reads ? 1 : 11),
+        tokens,
+        pastLength: 0,
+        logits: "last",
+        readsLogitValues: reads,
+        ...blank,
+      }));
+    const full = await runner.forward(buildStep(works(true), spec.vocabSize, spec.hiddenSize).batch);
+    const greedyOnly = buildStep(works(false), spec.vocabSize, spec.hiddenSize).batch;
+    assert.equal(greedyOnly.fetchLogits, false, "no work reads logit values");
+    const lean = await runner.forward(greedyOnly);
+    assert.equal(lean.logits, null, "logits were not fetched");
+    assert.deepEqual([...lean.greedyTokens], [...full.greedyTokens], "same greedy tokens");
+    assert.deepEqual([...lean.finiteRows], [1, 1], "rows reported finite");
+    const V = spec.vocabSize;
+    assert.deepEqual(
+      [...full.greedyTokens],
+      [0, 1].map((r) => argmax(logitsOf(full).subarray(r * V, (r + 1) * V))),
+      "greedy_token is the argmax of each fetched row",
+    );
+    await runner.dispose();
+  });
 
   test("manual rope (plain ops) equals the contrib RotaryEmbedding path", async () => {
     const { spec, weights } = makeRandomModel({ headDim: 8 }, 3, { std: 0.08 });

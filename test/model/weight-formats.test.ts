@@ -31,7 +31,7 @@ import {
 } from "../../src/model/contract.ts";
 import type { ModelSpec } from "../../src/model/model-spec.ts";
 import { logSoftmax, type ReferenceInput, referenceForward } from "../../src/model/reference.ts";
-import type { ModelRunner } from "../../src/model/runner.ts";
+import { logitsOf, type ModelRunner } from "../../src/model/runner.ts";
 import { relativeError, runnerFor } from "../helpers/graph-runner.ts";
 import { makeRandomModel, makeRng } from "../helpers/random-model.ts";
 
@@ -76,10 +76,10 @@ async function graphLogits(
   const pre = await runner.forward(
     buildStep([work(tokens.slice(0, promptLength), 0, "all")], V, spec.hiddenSize).batch,
   );
-  out.set(pre.logits, 0);
+  out.set(logitsOf(pre), 0);
   for (let p = promptLength; p < tokens.length; p++) {
     const step = await runner.forward(buildStep([work([tokens[p]!], p, "last")], V, spec.hiddenSize).batch);
-    out.set(step.logits, p * V);
+    out.set(logitsOf(step), p * V);
   }
   runner.release([seqId]);
   return out;

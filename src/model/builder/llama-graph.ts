@@ -606,6 +606,18 @@ class LlamaGraph {
         ? g.op1("Gemm", [rows, head.table], { transB: 1 })
         : this.linear(rows, { weight: head, bias: null });
     g.output(OUTPUT.logits, logits, DataType.FLOAT, ["num_logits", spec.vocabSize]);
+    g.output(
+      OUTPUT.greedyToken,
+      g.op1("ArgMax", [logits], { axis: -1, keepdims: 0, select_last_index: 0 }),
+      DataType.INT64,
+      ["num_logits"],
+    );
+    g.output(
+      OUTPUT.logitsRowSum,
+      g.op1("ReduceSum", [logits, g.int64([-1])], { keepdims: 0 }),
+      DataType.FLOAT,
+      ["num_logits"],
+    );
   }
 }
 
