@@ -2,12 +2,12 @@
  * @module model/peft-pools — fixed-size pools of resident PEFT weights, fed to the graph every step.
  * Slot 0 of every kind is the identity (LoRA zeros, IA3 ones, bottleneck zeros). Layout: see contract.ts
  * (row = slot * numLayers + layer). A step where no row uses a kind is fed a zero-rank identity pool,
- * so base-only batches pay only node overhead for the PEFT paths.
+ * so base-only batches pay only node overhead for the PEFT paths; likewise a LoRA projection that none of
+ * the step's adapters targets is fed at rank 0 (its per-row Gathers would otherwise copy B zero slices).
  */
 import {
   BOTTLENECK_PLACES,
   type BottleneckPlace,
-  IA3_INPUT_SCALED,
   INPUT,
   ia3Dim,
   moduleKey,
@@ -30,6 +30,7 @@ export interface PoolCapacity {
   maxBottleneckSize: number;
 }
 
+const EMPTY = new Float32Array(0);
 const f32 = (data: Float32Array, dims: number[]): FeedValue => ({ type: "float32", data, dims });
 
 export class PeftPools {
@@ -40,6 +41,8 @@ export class PeftPools {
     { down: Float32Array; downBias: Float32Array; up: Float32Array; upBias: Float32Array }
   >();
   private readonly identity: Record<string, FeedValue> = {};
+  /** LoRA slot -> the projections its adapter has weights for. */
+  private readonly loraTargetsOf = new Map<number, Set<Projection>>();
 
   constructor(
     private readonly spec: ModelSpec,
@@ -106,7 +109,7 @@ export class PeftPools {
     const L = this.spec.numLayers;
     for (let l = 0; l < L; l++) {
       const row = slot * L + l;
-      if (kind === "lora") this.writeLora(row, l, weights);
+      if (kind === "lora") this.writeLora(row, l, slot, weights);
       if (kind === "ia3") {
         for (const [m, pool] of this.ia3) {
           const v = weights.ia3?.get(moduleKey(l, m));
@@ -117,11 +120,14 @@ export class PeftPools {
     }
   }
 
-  private writeLora(row: number, l: number, weights: SequenceAdapterWeights) {
+  private writeLora(row: number, l: number, slot: number, weights: SequenceAdapterWeights) {
     const r = this.capacity.maxLoraRank;
     for (const [m, pool] of this.lora) {
       const w = weights.lora?.get(moduleKey(l, m));
       if (!w) continue;
+      const targets = this.loraTargetsOf.get(slot) ?? new Set<Projection>();
+      targets.add(m);
+      this.loraTargetsOf.set(slot, targets);
       const { inDim, outDim } = projectionDims(this.spec, m);
       // A [rank, in] -> pool [in, r] (zero-padded ranks are exact); B [out, rank] -> pool [r, out].
       const aBase = row * inDim * r;
@@ -152,6 +158,7 @@ export class PeftPools {
     const L = this.spec.numLayers;
     const span = (perRow: number) => [slot * L * perRow, (slot + 1) * L * perRow] as const;
     if (kind === "lora") {
+      this.loraTargetsOf.delete(slot);
       for (const [m, pool] of this.lora) {
         const { inDim, outDim } = projectionDims(this.spec, m);
         pool.a.fill(0, ...span(inDim * this.capacity.maxLoraRank));
@@ -171,18 +178,29 @@ export class PeftPools {
     }
   }
 
-  /** Pool feeds for one step; a kind no row uses gets the zero-rank identity. */
-  feeds(used: Record<PoolKind, boolean>): Record<string, FeedValue> {
+  /**
+   * Pool feeds for one step; a kind no row uses gets the zero-rank identity. `loraSlots` are the step's rows'
+   * LoRA slots: a projection none of their adapters targets is fed at rank 0 with every slot's rows.
+   */
+  feeds(used: Record<PoolKind, boolean>, loraSlots: ArrayLike<bigint> = []): Record<string, FeedValue> {
     const feeds: Record<string, FeedValue> = { ...this.identity };
-    const L = this.spec.numLayers;
     const D = this.spec.hiddenSize;
     if (used.lora && this.lora.size) {
       const rows = this.rows(this.capacity.loraSlots);
       const r = this.capacity.maxLoraRank;
+      const targeted = new Set<Projection>();
+      for (let i = 0; i < loraSlots.length; i++) {
+        for (const m of this.loraTargetsOf.get(Number(loraSlots[i])) ?? []) targeted.add(m);
+      }
       for (const [m, pool] of this.lora) {
         const { inDim, outDim } = projectionDims(this.spec, m);
-        feeds[INPUT.loraA(m)] = f32(pool.a, [rows, inDim, r]);
-        feeds[INPUT.loraB(m)] = f32(pool.b, [rows, r, outDim]);
+        if (targeted.has(m)) {
+          feeds[INPUT.loraA(m)] = f32(pool.a, [rows, inDim, r]);
+          feeds[INPUT.loraB(m)] = f32(pool.b, [rows, r, outDim]);
+        } else {
+          feeds[INPUT.loraA(m)] = f32(EMPTY, [rows, inDim, 0]);
+          feeds[INPUT.loraB(m)] = f32(EMPTY, [rows, 0, outDim]);
+        }
       }
     }
     if (used.ia3 && this.ia3.size) {
@@ -199,8 +217,6 @@ export class PeftPools {
         feeds[INPUT.bottleneckUpBias(p)] = f32(pool.upBias, [rows, D]);
       }
     }
-    void L;
-    void IA3_INPUT_SCALED;
     return feeds;
   }
 }

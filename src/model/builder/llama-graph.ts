@@ -225,8 +225,10 @@ class LlamaGraph {
     };
     for (const m of peft.loraTargets) {
       const { inDim, outDim } = projectionDims(spec, m);
-      g.input(INPUT.loraA(m), DataType.FLOAT, ["lora_rows", inDim, "lora_rank"]);
-      g.input(INPUT.loraB(m), DataType.FLOAT, ["lora_rows", "lora_rank", outDim]);
+      // A rank per projection: a projection no adapter of the step targets is fed at rank 0 (peft-pools.ts),
+      // and onnxruntime plans buffers assuming inputs that share a dim name share its size.
+      g.input(INPUT.loraA(m), DataType.FLOAT, ["lora_rows", inDim, `lora_rank_${m}`]);
+      g.input(INPUT.loraB(m), DataType.FLOAT, ["lora_rows", `lora_rank_${m}`, outDim]);
     }
     for (const m of peft.ia3Targets) {
       const { inDim, outDim } = projectionDims(spec, m);
