@@ -113,6 +113,49 @@ test("topKIndices agrees with a full stable sort on random rows with many ties",
   }
 });
 
+/** The nucleus as first written: sort every probability, cut where the mass reaches topP (ties keep lower ids). */
+function fullSortNucleusSample(row: Float32Array, temperature: number, topP: number, u: number): number {
+  const max = Math.max(...row);
+  const probs = Float64Array.from(row, (v) => Math.exp((v - max) / temperature));
+  const total = probs.reduce((a, b) => a + b, 0);
+  const order = [...probs.keys()].sort((a, b) => probs[b]! - probs[a]! || a - b);
+  const kept = new Set<number>();
+  let mass = 0;
+  for (const i of order) {
+    kept.add(i);
+    mass += probs[i]! / total;
+    if (mass >= topP) break;
+  }
+  const keptTotal = [...kept].reduce((a, i) => a + probs[i]!, 0);
+  let rest = u * keptTotal;
+  for (let i = 0; i < probs.length; i++) {
+    if (!kept.has(i)) continue;
+    rest -= probs[i]!;
+    if (rest <= 0) return i;
+  }
+  return Math.max(...kept);
+}
+
+test("top-p picks the same tokens as sorting the whole vocabulary, whether or not the cut is among the 256 largest", () => {
+  const rng = makeRng(11);
+  for (const [vocab, spread] of [
+    [3000, 12], // peaked: the cut lies among the largest few
+    [3000, 0.01], // nearly flat: the 256 largest hold too little mass, the full sort decides
+    [600, 3],
+  ] as const) {
+    // Rounded logits: many exact ties, including at the cut.
+    const row = Float32Array.from({ length: vocab }, () => Math.round(rng.uniform() * spread * 4) / 4);
+    for (const topP of [0.05, 0.5, 0.9, 0.999]) {
+      for (let draw = 0; draw < 20; draw++) {
+        const seed = 1000 * draw + vocab;
+        const expected = fullSortNucleusSample(row, 0.7, topP, makeRng(seed).uniform());
+        const got = sampleToken(row, params({ temperature: 0.7, topP }), makeRng(seed));
+        assert.equal(got, expected, `vocab ${vocab} spread ${spread} topP ${topP} draw ${draw}`);
+      }
+    }
+  }
+});
+
 test("the same seed reproduces the same tokens and different seeds differ", () => {
   const logits = Float32Array.from({ length: 50 }, (_, i) => Math.sin(i) * 2);
   const draw = (seed: number) => {
