@@ -37,6 +37,7 @@ import { inspectCheckpoint } from "../src/model/checkpoint.ts";
 import type { ModelSpec } from "../src/model/model-spec.ts";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
 import { convertToGguf, type GgufWeights } from "./gguf-writer.ts";
+import { aggregateDecode } from "./load.ts";
 import type { MachineLimits } from "./machine.ts";
 import { type ServerHandle, startServer } from "./server-process.ts";
 
@@ -135,31 +136,6 @@ export const foreignCores = (a: Ticks, b: Ticks) =>
   Math.max(0, b.busy - a.busy - (b.own - a.own)) / 100 / ((b.t - a.t) / 1000);
 
 // ------------------------------------------------------------------------------------------ shared metrics
-
-/**
- * Aggregate decode rate over the window where every stream is decoding. `times[i]` are stream i's token (or
- * chunk) arrival times in ms; `counts[i]`, when given, is how many tokens those timestamps stand for (a chunk
- * may carry several), spread evenly over its chunks.
- */
-export function aggregateDecode(
-  times: number[][],
-  counts?: number[],
-): { tokS: number; windowMs: number; tokens: number } {
-  const weight = (i: number) => (counts ? counts[i]! / times[i]!.length : 1);
-  if (times.length === 1) {
-    const t = times[0]!;
-    const ms = t[t.length - 1]! - t[0]!;
-    const tokens = (counts?.[0] ?? t.length) - 1;
-    return { tokS: tokens / (ms / 1000), windowMs: ms, tokens };
-  }
-  const start = Math.max(...times.map((t) => t[0]!));
-  const end = Math.min(...times.map((t) => t[t.length - 1]!));
-  let tokens = 0;
-  times.forEach((t, i) => {
-    for (const x of t) if (x > start && x <= end) tokens += weight(i);
-  });
-  return { tokS: tokens / ((end - start) / 1000), windowMs: end - start, tokens };
-}
 
 /** Prompt ids below the special tokens (which the made tokenizers put last); stream i differs by a rotation. */
 export function promptIds(vocab: number, length: number, stream = 0): number[] {

@@ -124,22 +124,47 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
 }
 
 /**
- * Aggregate decode rate while every stream of a round is decoding. A round is the i-th request of each client;
- * its window runs from the round's last first token to its first last token, so the prefill steps that start
- * the streams fall outside it; every token delivered inside the window counts. NaN when no round has a window.
+ * Aggregate decode rate over the window where every stream is decoding. `times[i]` are stream i's token (or
+ * chunk) arrival times in ms; `counts[i]`, when given, is how many tokens those timestamps stand for (a chunk
+ * may carry several), spread evenly over its chunks.
+ */
+export function aggregateDecode(
+  times: number[][],
+  counts?: number[],
+): { tokS: number; windowMs: number; tokens: number } {
+  const weight = (i: number) => (counts ? counts[i]! / times[i]!.length : 1);
+  if (times.length === 1) {
+    const t = times[0]!;
+    const ms = t[t.length - 1]! - t[0]!;
+    const tokens = (counts?.[0] ?? t.length) - 1;
+    return { tokS: tokens / (ms / 1000), windowMs: ms, tokens };
+  }
+  const start = Math.max(...times.map((t) => t[0]!));
+  const end = Math.min(...times.map((t) => t[t.length - 1]!));
+  let tokens = 0;
+  times.forEach((t, i) => {
+    for (const x of t) if (x > start && x <= end) tokens += weight(i);
+  });
+  return { tokS: tokens / ((end - start) / 1000), windowMs: end - start, tokens };
+}
+
+/**
+ * Aggregate decode rate while every stream of a round is decoding (aggregateDecode per round). A round is the
+ * i-th request of each client, so the prefill steps that start its streams fall outside its window. NaN when
+ * no round has a window.
  */
 export function steadyDecodeTokS(result: LoadResult): number {
   let tokens = 0;
   let ms = 0;
-  const rounds = new Set(result.streams.map((s) => s.round));
-  for (const round of rounds) {
-    const streams = result.streams.filter((s) => s.round === round && s.tokenTimesMs.length > 1);
-    if (streams.length === 0) continue;
-    const from = Math.max(...streams.map((s) => s.tokenTimesMs[0]!));
-    const to = Math.min(...streams.map((s) => s.tokenTimesMs.at(-1)!));
-    if (to <= from) continue;
-    ms += to - from;
-    for (const s of result.streams) for (const t of s.tokenTimesMs) if (t > from && t <= to) tokens++;
+  for (const round of new Set(result.streams.map((s) => s.round))) {
+    const times = result.streams
+      .filter((s) => s.round === round && s.tokenTimesMs.length > 1)
+      .map((s) => s.tokenTimesMs);
+    if (times.length === 0) continue;
+    const r = aggregateDecode(times);
+    if (r.windowMs <= 0) continue;
+    tokens += r.tokens;
+    ms += r.windowMs;
   }
   return ms > 0 ? tokens / (ms / 1000) : Number.NaN;
 }
