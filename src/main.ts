@@ -66,6 +66,7 @@ async function start(config: Config) {
     threads: config.threads,
     graph: model.report.graphCacheHit ? "cached" : "built",
     graphBuildMs: Math.round(model.report.graphBuildMs),
+    staleGraphsRemoved: model.report.staleGraphsRemoved,
     sessionMs: Math.round(model.report.sessionMs),
     totalMs: Math.round(performance.now() - started),
   });

@@ -42,6 +42,8 @@ export interface LoadedModel {
   report: {
     graphCacheHit: boolean;
     graphBuildMs: number;
+    /** Cached graphs of older builder versions removed by this start's build. */
+    staleGraphsRemoved: number;
     sessionMs: number;
     parameterCount: number;
     weightBytes: number;
@@ -74,6 +76,7 @@ export async function loadModel(options: LoadModelOptions): Promise<LoadedModel>
     report: {
       graphCacheHit: built.cacheHit,
       graphBuildMs: built.buildMs,
+      staleGraphsRemoved: built.staleRemoved.length,
       sessionMs: performance.now() - started,
       parameterCount: built.parameterCount || countParameters(info),
       weightBytes: built.weightBytes,

@@ -3,8 +3,8 @@
  * and reuse the files on restart: model.onnx + weights.bin, written to a temporary folder then renamed.
  */
 import { createHash } from "node:crypto";
-import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { basename, join } from "node:path";
 import { type Checkpoint, type CheckpointInfo, loadCheckpoint } from "../checkpoint.ts";
 import { buildLlamaGraph, type GraphOptions } from "./llama-graph.ts";
 
@@ -19,6 +19,44 @@ export interface BuiltGraph {
   /** Parameters of the checkpoint (0 on a cache hit: the weights were never read). */
   parameterCount: number;
   storedDtypes: string[];
+  /** Cached graphs of older builder versions this build removed (see pruneStaleGraphs). */
+  staleRemoved: string[];
+}
+
+/** Written beside each built graph: which builder made it, so a newer taskmux can tell its leftovers. */
+const BUILD_INFO = "build.json";
+const CACHE_ENTRY = /^[0-9a-f]{24}$/;
+
+/**
+ * Remove cached graphs that an older builder version made (no build.json, or a lower version): a graph is
+ * hundreds of MB and every builder version keys new ones, so upgrades would otherwise pile them up. Entries
+ * of newer versions, in-progress builds (".tmp-" names) and anything not named like a cache key are kept.
+ * A server still running an old graph keeps its open, memory-mapped files (unlinking does not unmap them).
+ */
+export function pruneStaleGraphs(cacheDir: string, keep: string): string[] {
+  const removed: string[] = [];
+  let entries: string[];
+  try {
+    entries = readdirSync(cacheDir);
+  } catch {
+    return removed;
+  }
+  for (const name of entries) {
+    if (name === keep || !CACHE_ENTRY.test(name)) continue;
+    const dir = join(cacheDir, name);
+    let version = 0;
+    try {
+      version =
+        (JSON.parse(readFileSync(join(dir, BUILD_INFO), "utf8")) as { builderVersion?: number })
+          .builderVersion ?? 0;
+    } catch {
+      // No readable build.json: made before build.json existed, so by an older builder.
+    }
+    if (version >= BUILDER_VERSION || !existsSync(join(dir, "model.onnx"))) continue;
+    rmSync(dir, { recursive: true, force: true });
+    removed.push(name);
+  }
+  return removed;
 }
 
 export function graphCacheKey(
@@ -50,7 +88,15 @@ export function buildOrReuseGraph(
   const dir = join(cacheDir, graphCacheKey(checkpoint, options));
   const modelPath = join(dir, "model.onnx");
   if (existsSync(modelPath)) {
-    return { modelPath, cacheHit: true, buildMs: 0, weightBytes: 0, parameterCount: 0, storedDtypes: [] };
+    return {
+      modelPath,
+      cacheHit: true,
+      buildMs: 0,
+      weightBytes: 0,
+      parameterCount: 0,
+      storedDtypes: [],
+      staleRemoved: [],
+    };
   }
   const started = performance.now();
   const loaded = "weights" in checkpoint ? checkpoint : loadCheckpoint(checkpoint.dir, checkpoint);
@@ -63,6 +109,7 @@ export function buildOrReuseGraph(
       weightsFileName: "weights.bin",
     });
     writeFileSync(join(tmp, "model.onnx"), modelBytes);
+    writeFileSync(join(tmp, BUILD_INFO), `${JSON.stringify({ builderVersion: BUILDER_VERSION, options })}\n`);
     // Another process may have finished the same build meanwhile; either copy is identical.
     if (existsSync(modelPath)) rmSync(tmp, { recursive: true, force: true });
     else renameSync(tmp, dir);
@@ -73,6 +120,8 @@ export function buildOrReuseGraph(
       weightBytes,
       parameterCount: loaded.parameterCount,
       storedDtypes: loaded.storedDtypes,
+      // A fresh build is when an upgrade shows: clear what older builders left.
+      staleRemoved: pruneStaleGraphs(cacheDir, basename(dir)),
     };
   } catch (error) {
     rmSync(tmp, { recursive: true, force: true });
