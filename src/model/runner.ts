@@ -33,8 +33,9 @@ export function logitsOf(result: StepResult): Float32Array {
 export class ModelRunner implements ModelBackend {
   readonly kv: KvStore;
   readonly pools: PeftPools;
-  /** new_key/new_value of every layer, then greedy_token and logits_row_sum; logits are added when fetched. */
-  private readonly outputNames: string[];
+  /** greedy_token and logits_row_sum (logits are added when fetched); new_key/new_value of every layer. */
+  private readonly rowOutputs = [OUTPUT.greedyToken, OUTPUT.logitsRowSum];
+  private readonly kvOutputs: string[];
 
   private constructor(
     private readonly session: ModelSession,
@@ -44,8 +45,8 @@ export class ModelRunner implements ModelBackend {
   ) {
     this.kv = new KvStore({ numLayers: spec.numLayers, numKvHeads: spec.numKvHeads, headDim: spec.headDim });
     this.pools = new PeftPools(spec, peft, pools);
-    this.outputNames = [OUTPUT.greedyToken, OUTPUT.logitsRowSum];
-    for (let l = 0; l < spec.numLayers; l++) this.outputNames.push(OUTPUT.newKey(l), OUTPUT.newValue(l));
+    this.kvOutputs = [];
+    for (let l = 0; l < spec.numLayers; l++) this.kvOutputs.push(OUTPUT.newKey(l), OUTPUT.newValue(l));
   }
 
   static async create(options: RunnerOptions): Promise<ModelRunner> {
@@ -93,7 +94,11 @@ export class ModelRunner implements ModelBackend {
       feeds[INPUT.pastKey(l)] = { type: "float32", data: past.keys[l]!, dims: kvDims };
       feeds[INPUT.pastValue(l)] = { type: "float32", data: past.values[l]!, dims: kvDims };
     }
-    const fetched = batch.fetchLogits ? [OUTPUT.logits, ...this.outputNames] : this.outputNames;
+    // A step with no logits rows (a prompt chunk that is not the last) fetches no per-row outputs at all:
+    // onnxruntime warns when a reduction over an empty [0, V] comes back shaped [0, V].
+    const R = batch.logitsIndex.length;
+    const perRow = R === 0 ? [] : batch.fetchLogits ? [OUTPUT.logits, ...this.rowOutputs] : this.rowOutputs;
+    const fetched = [...perRow, ...this.kvOutputs];
     const out = await this.session.run(feeds, fetched);
     const newKeys: Float32Array[] = [];
     const newValues: Float32Array[] = [];
@@ -108,11 +113,10 @@ export class ModelRunner implements ModelBackend {
       newKeys,
       newValues,
     );
-    const R = batch.logitsIndex.length;
-    const greedy = out.int64(OUTPUT.greedyToken);
-    const sums = out.float32(OUTPUT.logitsRowSum);
+    const greedy = R === 0 ? new BigInt64Array(0) : out.int64(OUTPUT.greedyToken);
+    const sums = R === 0 ? new Float32Array(0) : out.float32(OUTPUT.logitsRowSum);
     return {
-      logits: batch.fetchLogits ? out.float32(OUTPUT.logits) : null,
+      logits: batch.fetchLogits ? (R === 0 ? new Float32Array(0) : out.float32(OUTPUT.logits)) : null,
       numLogitRows: R,
       greedyTokens: Int32Array.from(greedy, Number),
       // A row sum is finite only if every logit is (barring an overflow of the sum itself, > 3e38).

@@ -405,7 +405,8 @@ describe("fuzzing the HTTP layer over a real socket", () => {
     assert.equal(stack.engine.numWaitingSequences, 0);
     assert.equal(stack.engine.kv.usageFraction, 0);
     // Unknown fields are ignored, however deep (vLLM does the same).
-    const body = `{"prompt":"Once upon a time","max_tokens":4,"extra":${nest(10_000, "[", "]")}}`;
+    // ignore_eos: a sampled end-of-sequence token would otherwise end this 4-token request early now and then.
+    const body = `{"prompt":"Once upon a time","max_tokens":4,"ignore_eos":true,"extra":${nest(10_000, "[", "]")}}`;
     const res = await fetch(`${server.url}/v1/completions`, {
       method: "POST",
       headers: { "content-type": "application/json" },

@@ -132,6 +132,15 @@ describe("graph logits equal the plain-TypeScript reference", () => {
     assert.equal(lean.logits, null, "logits were not fetched");
     assert.deepEqual([...lean.greedyTokens], [...full.greedyTokens], "same greedy tokens");
     assert.deepEqual([...lean.finiteRows], [1, 1], "rows reported finite");
+    // A prompt chunk that is not the last wants no logits: no per-row outputs are fetched at all.
+    const chunk = buildStep(
+      [{ seqId: 21, tokens: [3, 4, 5], pastLength: 0, logits: "none", ...blank }],
+      spec.vocabSize,
+      spec.hiddenSize,
+    ).batch;
+    const none = await runner.forward(chunk);
+    assert.equal(none.numLogitRows, 0, "no logits rows");
+    assert.equal(none.greedyTokens.length + none.finiteRows.length, 0, "no per-row outputs");
     const V = spec.vocabSize;
     assert.deepEqual(
       [...full.greedyTokens],
