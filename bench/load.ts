@@ -95,8 +95,9 @@ async function oneRequest(
   result.requests++;
 }
 
-export async function runLoad(options: LoadOptions): Promise<LoadResult> {
-  const result: LoadResult = {
+/** A result with nothing recorded yet (runLoad fills it in as responses stream back). */
+export function emptyLoadResult(): LoadResult {
+  return {
     wallS: 0,
     completionTokens: 0,
     promptTokens: 0,
@@ -107,6 +108,10 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
     errors: 0,
     requests: 0,
   };
+}
+
+export async function runLoad(options: LoadOptions): Promise<LoadResult> {
+  const result = emptyLoadResult();
   const started = performance.now();
   await Promise.all(
     Array.from({ length: options.concurrency }, async (_, client) => {

@@ -1,19 +1,9 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { aggregateDecode, type LoadResult, steadyDecodeTokS } from "../../bench/load.ts";
+import { aggregateDecode, emptyLoadResult, type LoadResult, steadyDecodeTokS } from "../../bench/load.ts";
 
 function result(streams: LoadResult["streams"]): LoadResult {
-  return {
-    wallS: 0,
-    completionTokens: 0,
-    promptTokens: 0,
-    ttftMs: [],
-    itlMs: [],
-    decodeRates: [],
-    streams,
-    errors: 0,
-    requests: streams.length,
-  };
+  return { ...emptyLoadResult(), streams, requests: streams.length };
 }
 const every = (from: number, step: number, n: number) => Array.from({ length: n }, (_, i) => from + i * step);
 
