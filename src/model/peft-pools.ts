@@ -3,7 +3,7 @@
  * Slot 0 of every kind is the identity (LoRA zeros, IA3 ones, bottleneck zeros). Layout: see contract.ts
  * (row = slot * numLayers + layer). A step where no row uses a kind is fed a zero-rank identity pool,
  * so base-only batches pay only node overhead for the PEFT paths; likewise a LoRA projection that none of
- * the step's adapters targets is fed at rank 0 (its per-row Gathers would otherwise copy B zero slices).
+ * the step's adapters targets is fed at rank 0. LoRA weights reach the graph as per-row copies (lora-rows.ts).
  */
 import {
   BOTTLENECK_PLACES,
@@ -16,6 +16,7 @@ import {
   projectionDims,
   type SequenceAdapterWeights,
 } from "./contract.ts";
+import { LoraRows } from "./lora-rows.ts";
 import type { ModelSpec } from "./model-spec.ts";
 import type { FeedValue } from "./session.ts";
 
@@ -43,6 +44,9 @@ export class PeftPools {
   private readonly identity: Record<string, FeedValue> = {};
   /** LoRA slot -> the projections its adapter has weights for. */
   private readonly loraTargetsOf = new Map<number, Set<Projection>>();
+  /** LoRA slot -> how many times it was written or cleared, so row copies of an older adapter are refreshed. */
+  private readonly loraVersions = new Map<number, number>();
+  private readonly loraRows: LoraRows;
 
   constructor(
     private readonly spec: ModelSpec,
@@ -51,11 +55,8 @@ export class PeftPools {
   ) {
     const L = spec.numLayers;
     const D = spec.hiddenSize;
-    for (const m of layout.loraTargets) {
-      const { inDim, outDim } = projectionDims(spec, m);
-      this.identity[INPUT.loraA(m)] = f32(new Float32Array(0), [L, inDim, 0]);
-      this.identity[INPUT.loraB(m)] = f32(new Float32Array(0), [L, 0, outDim]);
-    }
+    this.loraRows = new LoraRows(spec, capacity.maxLoraRank);
+    for (const m of layout.loraTargets) Object.assign(this.identity, this.zeroRankLora(m));
     for (const m of layout.ia3Targets) {
       const dim = ia3Dim(spec, m);
       this.identity[INPUT.ia3(m)] = f32(new Float32Array(L * dim).fill(1), [L, dim]);
@@ -68,6 +69,19 @@ export class PeftPools {
         this.identity[INPUT.bottleneckUpBias(p)] = f32(new Float32Array(L * D), [L, D]);
       }
     }
+  }
+
+  /** Rank-0 LoRA feeds for projection m in every layer ([1, in, 0] broadcasts over the batch). */
+  private zeroRankLora(m: Projection): Record<string, FeedValue> {
+    const { inDim, outDim } = projectionDims(this.spec, m);
+    const a = f32(EMPTY, [1, inDim, 0]);
+    const b = f32(EMPTY, [1, 0, outDim]);
+    const feeds: Record<string, FeedValue> = {};
+    for (let l = 0; l < this.spec.numLayers; l++) {
+      feeds[INPUT.loraA(l, m)] = a;
+      feeds[INPUT.loraB(l, m)] = b;
+    }
+    return feeds;
   }
 
   private rows(slots: number): number {
@@ -106,6 +120,7 @@ export class PeftPools {
   writeSlot(kind: PoolKind, slot: number, weights: SequenceAdapterWeights): void {
     this.allocate(kind);
     this.clearSlot(kind, slot);
+    if (kind === "lora") this.bumpLoraVersion(slot);
     const L = this.spec.numLayers;
     for (let l = 0; l < L; l++) {
       const row = slot * L + l;
@@ -159,6 +174,7 @@ export class PeftPools {
     const span = (perRow: number) => [slot * L * perRow, (slot + 1) * L * perRow] as const;
     if (kind === "lora") {
       this.loraTargetsOf.delete(slot);
+      this.bumpLoraVersion(slot);
       for (const [m, pool] of this.lora) {
         const { inDim, outDim } = projectionDims(this.spec, m);
         pool.a.fill(0, ...span(inDim * this.capacity.maxLoraRank));
@@ -178,6 +194,15 @@ export class PeftPools {
     }
   }
 
+  private bumpLoraVersion(slot: number): void {
+    this.loraVersions.set(slot, (this.loraVersions.get(slot) ?? 0) + 1);
+  }
+
+  /** Rows currently holding per-row LoRA copies (memory accounting). */
+  get loraRowsAllocated(): number {
+    return this.loraRows.allocatedRows;
+  }
+
   /**
    * Pool feeds for one step; a kind no row uses gets the zero-rank identity. `loraSlots` are the step's rows'
    * LoRA slots: a projection none of their adapters targets is fed at rank 0 with every slot's rows.
@@ -186,21 +211,13 @@ export class PeftPools {
     const feeds: Record<string, FeedValue> = { ...this.identity };
     const D = this.spec.hiddenSize;
     if (used.lora && this.lora.size) {
-      const rows = this.rows(this.capacity.loraSlots);
-      const r = this.capacity.maxLoraRank;
       const targeted = new Set<Projection>();
       for (let i = 0; i < loraSlots.length; i++) {
         for (const m of this.loraTargetsOf.get(Number(loraSlots[i])) ?? []) targeted.add(m);
       }
+      const versionOf = (slot: number) => this.loraVersions.get(slot) ?? 0;
       for (const [m, pool] of this.lora) {
-        const { inDim, outDim } = projectionDims(this.spec, m);
-        if (targeted.has(m)) {
-          feeds[INPUT.loraA(m)] = f32(pool.a, [rows, inDim, r]);
-          feeds[INPUT.loraB(m)] = f32(pool.b, [rows, r, outDim]);
-        } else {
-          feeds[INPUT.loraA(m)] = f32(EMPTY, [rows, inDim, 0]);
-          feeds[INPUT.loraB(m)] = f32(EMPTY, [rows, 0, outDim]);
-        }
+        if (targeted.has(m)) this.loraRows.feeds(m, pool, loraSlots, versionOf, feeds);
       }
     }
     if (used.ia3 && this.ia3.size) {

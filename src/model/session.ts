@@ -1,10 +1,11 @@
 /** @module model/session — the only importer of onnxruntime-node: create, run, dispose; typed arrays in and out. */
 import * as ort from "onnxruntime-node";
 
+/** One input of a step. Treated as immutable once fed: the session reuses the Tensor it made for the object. */
 export type FeedValue =
-  | { type: "float32"; data: Float32Array; dims: readonly number[] }
-  | { type: "int64"; data: BigInt64Array; dims: readonly number[] }
-  | { type: "bool"; data: Uint8Array; dims: readonly number[] };
+  | { readonly type: "float32"; readonly data: Float32Array; readonly dims: readonly number[] }
+  | { readonly type: "int64"; readonly data: BigInt64Array; readonly dims: readonly number[] }
+  | { readonly type: "bool"; readonly data: Uint8Array; readonly dims: readonly number[] };
 
 export interface SessionOptions {
   /** onnxruntime intra-op threads; 0 = onnxruntime's default (one per core). */
@@ -31,6 +32,12 @@ export class SessionOutputs {
 }
 
 export class ModelSession {
+  /**
+   * Tensors already made for feed objects that are fed again unchanged (the zero-rank PEFT identities, hundreds a
+   * step): a Tensor wraps its array without copying, so one made once stays valid for that feed.
+   */
+  private readonly tensors = new WeakMap<FeedValue, ort.Tensor>();
+
   private constructor(
     private readonly session: ort.InferenceSession,
     readonly inputNames: readonly string[],
@@ -55,7 +62,12 @@ export class ModelSession {
   async run(feeds: Record<string, FeedValue>, outputs: readonly string[]): Promise<SessionOutputs> {
     const tensors: Record<string, ort.Tensor> = {};
     for (const [name, value] of Object.entries(feeds)) {
-      tensors[name] = new ort.Tensor(value.type, value.data, value.dims);
+      let tensor = this.tensors.get(value);
+      if (!tensor) {
+        tensor = new ort.Tensor(value.type, value.data, value.dims);
+        this.tensors.set(value, tensor);
+      }
+      tensors[name] = tensor;
     }
     const result = await this.session.run(tensors, outputs as string[]);
     const values = new Map<string, unknown>();

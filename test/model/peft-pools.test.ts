@@ -25,18 +25,44 @@ function lora(targets: ("q_proj" | "v_proj" | "down_proj")[]) {
 }
 
 const on = { lora: true, ia3: false, bottleneck: false };
-const rankOf = (feeds: ReturnType<PeftPools["feeds"]>, m: (typeof FULL_PEFT_LAYOUT.loraTargets)[number]) => {
-  const a = feeds[INPUT.loraA(m)]!;
-  const b = feeds[INPUT.loraB(m)]!;
-  assert.equal(a.dims[0], rows, `${m}: A keeps every slot's rows`);
-  assert.equal(b.dims[0], rows, `${m}: B keeps every slot's rows`);
-  assert.equal(a.dims[2], b.dims[1], `${m}: A and B ranks agree`);
-  assert.equal(
-    a.data.length,
-    a.dims.reduce((x, y) => x * y, 1),
-    `${m}: A data matches its dims`,
-  );
-  return a.dims[2];
+type Feeds = ReturnType<PeftPools["feeds"]>;
+type Target = (typeof FULL_PEFT_LAYOUT.loraTargets)[number];
+
+/** The rank projection m is fed at in `feeds` (every layer alike), checking the feeds' shapes on the way. */
+const rankOf = (feeds: Feeds, m: Target, batch: number) => {
+  const ranks = new Set<number>();
+  for (let l = 0; l < spec.numLayers; l++) {
+    const a = feeds[INPUT.loraA(l, m)]!;
+    const b = feeds[INPUT.loraB(l, m)]!;
+    const rank = a.dims[2]!;
+    assert.equal(
+      a.dims[0],
+      rank === 0 ? 1 : batch,
+      `${m}: A has a row per batch row (or broadcasts at rank 0)`,
+    );
+    assert.equal(b.dims[0], a.dims[0], `${m}: B rows match A's`);
+    assert.equal(b.dims[1], rank, `${m}: A and B ranks agree`);
+    assert.equal(
+      a.data.length,
+      a.dims.reduce((x, y) => x * y, 1),
+      `${m}: A data matches its dims`,
+    );
+    assert.equal(
+      b.data.length,
+      b.dims.reduce((x, y) => x * y, 1),
+      `${m}: B data matches its dims`,
+    );
+    ranks.add(rank);
+  }
+  assert.equal(ranks.size, 1, `${m}: one rank in every layer`);
+  return [...ranks][0];
+};
+
+/** Row `row`'s A for projection m in layer l, as fed. */
+const rowA = (feeds: Feeds, l: number, m: Target, row: number) => {
+  const a = feeds[INPUT.loraA(l, m)]!;
+  const size = a.dims[1]! * a.dims[2]!;
+  return Array.from(a.data.subarray(row * size, (row + 1) * size) as Float32Array);
 };
 
 test("a LoRA projection none of the step's adapters targets is fed at rank 0, the others at full rank", () => {
@@ -46,11 +72,15 @@ test("a LoRA projection none of the step's adapters targets is fed at rank 0, th
 
   const onlyFirst = pools.feeds(on, BigInt64Array.of(1n, 0n, 1n));
   for (const m of FULL_PEFT_LAYOUT.loraTargets) {
-    assert.equal(rankOf(onlyFirst, m), ["q_proj", "v_proj"].includes(m) ? 4 : 0, `slot 1 step: ${m}`);
+    assert.equal(rankOf(onlyFirst, m, 3), ["q_proj", "v_proj"].includes(m) ? 4 : 0, `slot 1 step: ${m}`);
   }
   const both = pools.feeds(on, BigInt64Array.of(2n, 1n));
   for (const m of FULL_PEFT_LAYOUT.loraTargets) {
-    assert.equal(rankOf(both, m), ["q_proj", "v_proj", "down_proj"].includes(m) ? 4 : 0, `slots 1+2: ${m}`);
+    assert.equal(
+      rankOf(both, m, 2),
+      ["q_proj", "v_proj", "down_proj"].includes(m) ? 4 : 0,
+      `slots 1+2: ${m}`,
+    );
   }
 });
 
@@ -58,9 +88,49 @@ test("clearing a slot forgets its targets; rewriting it with other targets takes
   const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
   pools.writeSlot("lora", 1, lora(["q_proj"]));
   pools.clearSlot("lora", 1);
-  assert.equal(rankOf(pools.feeds(on, BigInt64Array.of(1n)), "q_proj"), 0, "cleared slot targets nothing");
+  assert.equal(rankOf(pools.feeds(on, BigInt64Array.of(1n)), "q_proj", 1), 0, "cleared slot targets nothing");
   pools.writeSlot("lora", 1, lora(["v_proj"]));
   const feeds = pools.feeds(on, BigInt64Array.of(1n));
-  assert.equal(rankOf(feeds, "q_proj"), 0, "old target gone");
-  assert.equal(rankOf(feeds, "v_proj"), 4, "new target fed");
+  assert.equal(rankOf(feeds, "q_proj", 1), 0, "old target gone");
+  assert.equal(rankOf(feeds, "v_proj", 1), 4, "new target fed");
+});
+
+test("each row is fed its own slot's weights, through row moves, slot rewrites and batch growth", () => {
+  const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
+  /** Slot s's A in layer l: every entry (s, l)-specific, rank 2 of the pool's 4 (the rest zero-padded). */
+  const adapter = (s: number, scale = 1) => {
+    const weights = new Map();
+    const { inDim, outDim } = projectionDims(spec, "q_proj");
+    for (let l = 0; l < spec.numLayers; l++) {
+      weights.set(moduleKey(l, "q_proj"), {
+        rank: 2,
+        a: new Float32Array(2 * inDim).fill(scale * (s * 10 + l + 1)),
+        b: new Float32Array(outDim * 2).fill(1),
+      });
+    }
+    return { lora: weights };
+  };
+  const { inDim } = projectionDims(spec, "q_proj");
+  /** What a row holding slot s (0: no adapter) must be fed in layer l: [in][r], ranks 0-1 set. */
+  const expectedA = (s: number, l: number, scale = 1) =>
+    Array.from({ length: inDim * 4 }, (_, i) => (s > 0 && i % 4 < 2 ? scale * (s * 10 + l + 1) : 0));
+  const check = (feeds: Feeds, slots: number[], what: string, scales: Record<number, number> = {}) => {
+    for (let l = 0; l < spec.numLayers; l++) {
+      slots.forEach((s, row) => {
+        assert.deepEqual(
+          rowA(feeds, l, "q_proj", row),
+          expectedA(s, l, scales[s]),
+          `${what}: layer ${l} row ${row}`,
+        );
+      });
+    }
+  };
+  for (const s of [1, 2, 3]) pools.writeSlot("lora", s, adapter(s));
+  check(pools.feeds(on, BigInt64Array.of(1n, 2n)), [1, 2], "first step");
+  check(pools.feeds(on, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "rows moved, one without adapter");
+  pools.writeSlot("lora", 2, adapter(2, 3));
+  check(pools.feeds(on, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "slot 2 rewritten in place", { 2: 3 });
+  const many = Array.from({ length: 11 }, (_, i) => (i % 3) + 1);
+  check(pools.feeds(on, BigInt64Array.from(many, BigInt)), many, "batch grown past a row block", { 2: 3 });
+  assert.ok(pools.loraRowsAllocated >= 11, "rows grew to the batch");
 });

@@ -9,7 +9,7 @@ import { type Checkpoint, type CheckpointInfo, loadCheckpoint } from "../checkpo
 import { buildLlamaGraph, type GraphOptions } from "./llama-graph.ts";
 
 /** Bump when the graph layout changes, so stale cached graphs are never loaded. */
-export const BUILDER_VERSION = 9;
+export const BUILDER_VERSION = 10;
 
 export interface BuiltGraph {
   modelPath: string;

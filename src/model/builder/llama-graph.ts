@@ -65,9 +65,10 @@ function concatVectors(parts: Float32Array[]): Float32Array {
   return out;
 }
 
-/** One layer's pool rows (slot * numLayers + layer) for the PEFT paths the layout has. */
+/** One layer of the PEFT paths: its index (LoRA weights are fed per layer) and its pool rows. */
 interface LayerRows {
-  lora: string;
+  layer: number;
+  /** slot * numLayers + layer per row, [B, 1] */
   ia3: string;
   bottleneck: string;
   bottleneck1: string;
@@ -76,7 +77,6 @@ interface LayerRows {
 /** Graph-wide tensors every layer reads. */
 interface Shared {
   /** slot * numLayers per row, [B] (for Gathers feeding batched MatMuls) */
-  loraRow: string;
   bottleneckRow: string;
   /** the same as [B, 1]: Gathers of vectors then yield [B, 1, dim], ready to broadcast over T */
   ia3Row: string;
@@ -214,7 +214,6 @@ class LlamaGraph {
     // The runner feeds all-zero slots for a kind no row uses (slot 0 is every kind's identity).
     const maxSlot = (slot: string) => g.op1("ReduceMax", [slot], { keepdims: 0 });
     const shared: Shared = {
-      loraRow: slotRow(INPUT.loraSlot),
       ia3Row: g.op1("Unsqueeze", [slotRow(INPUT.ia3Slot), axis1]),
       bottleneckRow,
       bottleneckRow1: g.op1("Unsqueeze", [bottleneckRow, axis1]),
@@ -225,10 +224,14 @@ class LlamaGraph {
     };
     for (const m of peft.loraTargets) {
       const { inDim, outDim } = projectionDims(spec, m);
-      // A rank per projection: a projection no adapter of the step targets is fed at rank 0 (peft-pools.ts),
-      // and onnxruntime plans buffers assuming inputs that share a dim name share its size.
-      g.input(INPUT.loraA(m), DataType.FLOAT, ["lora_rows", inDim, `lora_rank_${m}`]);
-      g.input(INPUT.loraB(m), DataType.FLOAT, ["lora_rows", `lora_rank_${m}`, outDim]);
+      // Each row's own A and B, per layer (lora-rows.ts keeps them between steps), so the batched MatMuls read
+      // them in place: a Gather from the slot pool would copy [B, in, r] + [B, r, out] per projection per step.
+      // Rows and rank are per projection: one no adapter of the step targets is fed as [1, in, 0], and
+      // onnxruntime plans buffers assuming inputs that share a dim name share its size.
+      for (let l = 0; l < L; l++) {
+        g.input(INPUT.loraA(l, m), DataType.FLOAT, [`lora_rows_${m}`, inDim, `lora_rank_${m}`]);
+        g.input(INPUT.loraB(l, m), DataType.FLOAT, [`lora_rows_${m}`, `lora_rank_${m}`, outDim]);
+      }
     }
     for (const m of peft.ia3Targets) {
       const { inDim, outDim } = projectionDims(spec, m);
@@ -408,7 +411,7 @@ class LlamaGraph {
     const { peft } = this.options;
     const row = (sharedRow: string, on: boolean) => (on ? g.op1("Add", [sharedRow, g.int64([l], [])]) : "");
     return {
-      lora: row(shared.loraRow, peft.loraTargets.length > 0),
+      layer: l,
       ia3: row(shared.ia3Row, peft.ia3Targets.length > 0),
       bottleneck: row(shared.bottleneckRow, peft.bottleneck),
       bottleneck1: row(shared.bottleneckRow1, peft.bottleneck),
@@ -452,8 +455,8 @@ class LlamaGraph {
     const { peft } = this.options;
     let out = y;
     if (peft.loraTargets.includes(m)) {
-      const a = g.op1("Gather", [INPUT.loraA(m), rows.lora]); // [B, in, r]
-      const b = g.op1("Gather", [INPUT.loraB(m), rows.lora]); // [B, r, out]
+      const a = INPUT.loraA(rows.layer, m); // [B, in, r]
+      const b = INPUT.loraB(rows.layer, m); // [B, r, out]
       out = g.op1("Add", [out, g.op1("MatMul", [g.op1("MatMul", [x, a]), b])]);
     }
     if (peft.ia3Targets.includes(m) && !IA3_INPUT_SCALED.includes(m)) {
