@@ -3,7 +3,8 @@
  * process) against node-llama-cpp (llama.cpp's prebuilt CPU binary, a child process) on the same weights, the
  * same prompt ids and the same threads, measured interleaved in one run:
  *
- *   pairs    taskmux fp32 vs GGUF F32; taskmux int4 (MatMulNBits) vs GGUF Q4_0 (every 2-D weight, head included)
+ *   pairs    taskmux fp32 vs GGUF F32; taskmux int4 (MatMulNBits, blocks of 32 like Q4_0's) vs GGUF Q4_0 (every 2-D
+ *            weight, head included); taskmux int4@128 (`--quant-block-size 128`: faster, less exact) vs the same Q4_0
  *   metrics  prefill of a 128-token prompt (1 sequence); batch-1 decode; aggregate decode with 8 and 32 concurrent
  *            sequences; each also as a fraction of the roofline it is bound by (bench/machine.ts)
  *
@@ -32,7 +33,7 @@ import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from "no
 import { createRequire } from "node:module";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { quantizedBytes } from "../src/model/builder/quantize.ts";
+import { QUANT_BLOCK_SIZE, type QuantBlockSize, quantizedBytes } from "../src/model/builder/quantize.ts";
 import { inspectCheckpoint } from "../src/model/checkpoint.ts";
 import type { ModelSpec } from "../src/model/model-spec.ts";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
@@ -225,8 +226,10 @@ class TaskmuxSide {
     weights: string,
     threads: number,
     vocab: number,
+    quantBlockSize?: number,
   ): Promise<TaskmuxSide> {
     const server = await startServer([
+      ...(quantBlockSize ? ["--quant-block-size", String(quantBlockSize)] : []),
       "--model",
       modelDir,
       "--threads",
@@ -482,10 +485,17 @@ export interface CompareOptions {
   outDir: string;
 }
 
+/** `ours` labels the taskmux side: its --weights, and @B for a non-default --quant-block-size B. */
 const PAIRS = [
-  { ours: "fp32", gguf: "F32" },
-  { ours: "int4", gguf: "Q4_0" },
-] as const satisfies readonly { ours: string; gguf: GgufWeights }[];
+  { ours: "fp32", weights: "fp32", gguf: "F32" },
+  { ours: "int4", weights: "int4", gguf: "Q4_0" },
+  { ours: "int4@128", weights: "int4", quantBlockSize: 128, gguf: "Q4_0" },
+] as const satisfies readonly {
+  ours: string;
+  weights: string;
+  quantBlockSize?: QuantBlockSize;
+  gguf: GgufWeights;
+}[];
 
 type Metric = "prefill" | `decode${number}`;
 
@@ -496,7 +506,9 @@ interface Sample {
 }
 
 /** Weight bytes one forward pass streams (every matmul weight once; the embedding Gather reads only rows). */
-function bytesPerStep(spec: ModelSpec, format: string): number {
+function bytesPerStep(spec: ModelSpec, label: string): number {
+  const [format, block] = label.split("@");
+  const blockSize = block ? Number(block) : QUANT_BLOCK_SIZE;
   const d = spec.hiddenSize;
   const q = spec.numHeads * spec.headDim;
   const kv = spec.numKvHeads * spec.headDim;
@@ -514,7 +526,7 @@ function bytesPerStep(spec: ModelSpec, format: string): number {
         ? n * k * 4
         : format === "Q4_0"
           ? (n * k * 18) / 32
-          : quantizedBytes(n, k, 4);
+          : quantizedBytes(n, k, 4, blockSize);
     bytes += per * spec.numLayers;
   }
   const [n, k] = [spec.vocabSize, d];
@@ -523,7 +535,7 @@ function bytesPerStep(spec: ModelSpec, format: string): number {
       ? n * k * 4
       : format === "Q4_0"
         ? (n * k * 18) / 32
-        : quantizedBytes(n, k, 4);
+        : quantizedBytes(n, k, 4, blockSize);
   return bytes;
 }
 
@@ -560,26 +572,22 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
     return list;
   };
   const numerics: Record<string, unknown> = {};
-  const sides: {
-    label: string;
-    pair: (typeof PAIRS)[number];
-    system: "taskmux" | "llama.cpp";
-    side: TaskmuxSide | LlamaCppSide;
-  }[] = [];
+  // One side per distinct label: two pairs against the same GGUF share its llama.cpp side.
+  const sides: { label: string; side: TaskmuxSide | LlamaCppSide }[] = [];
+  const sideOf = (label: string) => sides.find((s) => s.label === label)!.side;
   try {
     for (const pair of PAIRS) {
       const gguf = ensureGguf(modelDir, pair.gguf);
-      log(`starting taskmux --weights ${pair.ours} and node-llama-cpp ${pair.gguf}`);
+      const block = "quantBlockSize" in pair ? pair.quantBlockSize : undefined;
+      log(`starting taskmux ${pair.ours}`);
       sides.push({
         label: `taskmux ${pair.ours}`,
-        pair,
-        system: "taskmux",
-        side: await TaskmuxSide.start(modelDir, pair.ours, threads, spec.vocabSize),
+        side: await TaskmuxSide.start(modelDir, pair.weights, threads, spec.vocabSize, block),
       });
+      if (sides.some((s) => s.label === `llama.cpp ${pair.gguf}`)) continue;
+      log(`starting node-llama-cpp ${pair.gguf}`);
       sides.push({
         label: `llama.cpp ${pair.gguf}`,
-        pair,
-        system: "llama.cpp",
         side: await LlamaCppSide.start(gguf, threads, spec.vocabSize),
       });
     }
@@ -592,9 +600,8 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
     };
     // Numerics: the same greedy steps on both sides of each pair (llama.cpp with an F32 cache, no flash attention).
     for (const pair of PAIRS) {
-      const [a, b] = sides.filter((s) => s.pair === pair);
-      const ours = await (a!.side as TaskmuxSide).greedy(promptTokens, 16);
-      const theirs = await (b!.side as LlamaCppSide).greedy(promptTokens, 16);
+      const ours = await (sideOf(`taskmux ${pair.ours}`) as TaskmuxSide).greedy(promptTokens, 16);
+      const theirs = await (sideOf(`llama.cpp ${pair.gguf}`) as LlamaCppSide).greedy(promptTokens, 16);
       const diffs = theirs.logprobs.map((lp, i) => Math.abs(lp - (ours.logprobs[i] ?? Number.NaN)));
       numerics[`${pair.ours} vs ${pair.gguf}`] = {
         steps: 16,
@@ -696,7 +703,9 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
       bandwidthGBs: machine.bandwidthBytesPerS / 1e9,
       gemmGflops: machine.gemmFlopsPerS / 1e9,
     },
-    bytesPerStep: Object.fromEntries(["fp32", "F32", "int4", "Q4_0"].map((f) => [f, bytesPerStep(spec, f)])),
+    bytesPerStep: Object.fromEntries(
+      [...new Set(PAIRS.flatMap((p) => [p.ours, p.gguf]))].map((f) => [f, bytesPerStep(spec, f)]),
+    ),
     ggufBytes: Object.fromEntries(PAIRS.map((p) => [p.gguf, statSync(ensureGguf(modelDir, p.gguf)).size])),
     maxForeignCores: options.maxForeign,
     numerics,

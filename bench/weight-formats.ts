@@ -2,7 +2,7 @@
  * @module bench/weight-formats — what each `--weights` format costs in accuracy and buys in speed, measured in one
  * run (the table in docs/weight-formats.md):
  *
- *   node --import tsx bench/weight-formats.ts [--models smollm2-135m,stories260k] [--formats fp32,fp16,int8,int4]
+ *   node --import tsx bench/weight-formats.ts [--models smollm2-135m,stories260k] [--formats fp32,fp16,int8,int4,int4@128]
  *                                             [--threads 2] [--reps 3] [--gen 64]
  *
  * For each model, one token sequence is fixed: a prompt plus the fp32 graph's own greedy continuation
@@ -21,7 +21,12 @@ import { configSchema } from "../src/config.ts";
 import { argmax } from "../src/engine/sampler.ts";
 import { buildStep } from "../src/engine/step-builder.ts";
 import { buildOrReuseGraph } from "../src/model/builder/build-cache.ts";
-import { WEIGHT_FORMATS, type WeightFormat } from "../src/model/builder/quantize.ts";
+import {
+  QUANT_BLOCK_SIZES,
+  type QuantBlockSize,
+  WEIGHT_FORMATS,
+  type WeightFormat,
+} from "../src/model/builder/quantize.ts";
 import { inspectCheckpoint } from "../src/model/checkpoint.ts";
 import type { PeftLayout } from "../src/model/contract.ts";
 import { makeModel } from "../src/model/maker/make-model.ts";
@@ -35,7 +40,8 @@ const SHARED_MODELS = join(BENCH_DIR, "..", "..", "shared", "models");
 const { values } = parseArgs({
   options: {
     models: { type: "string", default: "smollm2-135m,stories260k" },
-    formats: { type: "string", default: WEIGHT_FORMATS.join(",") },
+    // FORMAT or FORMAT@BLOCK (an int format at a non-default quantisation block size).
+    formats: { type: "string", default: [...WEIGHT_FORMATS, "int4@128"].join(",") },
     threads: { type: "string", default: String(availableParallelism()) },
     reps: { type: "string", default: "3" },
     gen: { type: "string", default: "64" },
@@ -43,8 +49,26 @@ const { values } = parseArgs({
   },
 });
 
-const formats = values.formats.split(",") as WeightFormat[];
-for (const f of formats) if (!WEIGHT_FORMATS.includes(f)) throw new Error(`unknown format ${f}`);
+/** One measured graph: a weight format, and for int formats optionally its block size; `label` names it. */
+interface Variant {
+  label: string;
+  weights: WeightFormat;
+  quantBlockSize?: QuantBlockSize;
+}
+const formats: Variant[] = values.formats.split(",").map((label) => {
+  const [weights, block] = label.split("@") as [WeightFormat, string | undefined];
+  if (!WEIGHT_FORMATS.includes(weights)) throw new Error(`unknown format ${label}`);
+  const quantBlockSize = block === undefined ? undefined : (Number(block) as QuantBlockSize);
+  if (
+    quantBlockSize !== undefined &&
+    (!weights.startsWith("int") || !QUANT_BLOCK_SIZES.includes(quantBlockSize))
+  )
+    throw new Error(
+      `${label}: a block size applies to int8/int4 and is one of ${QUANT_BLOCK_SIZES.join(", ")}`,
+    );
+  return { label, weights, quantBlockSize };
+});
+if (!formats.some((f) => f.label === "fp32")) throw new Error("--formats must include fp32 (the reference)");
 const threads = Number(values.threads);
 const reps = Number(values.reps);
 const gen = Number(values.gen);
@@ -137,10 +161,10 @@ async function measureModel(name: string) {
   const info = inspectCheckpoint(c.dir);
   const { vocabSize: V, hiddenSize: D } = info.spec;
   const cacheDir = configSchema.parse({}).cacheDir;
-  const runners = new Map<WeightFormat, ModelRunner>();
-  const sizes = new Map<WeightFormat, number>();
-  for (const f of formats) {
-    const built = buildOrReuseGraph(info, { peft: PEFT, rope: "contrib", weights: f }, cacheDir);
+  const runners = new Map<string, ModelRunner>();
+  const sizes = new Map<string, number>();
+  for (const { label: f, weights, quantBlockSize } of formats) {
+    const built = buildOrReuseGraph(info, { peft: PEFT, rope: "contrib", weights, quantBlockSize }, cacheDir);
     const graphDir = dirname(built.modelPath);
     sizes.set(f, statSync(join(graphDir, "weights.bin")).size + statSync(built.modelPath).size);
     runners.set(
@@ -185,15 +209,16 @@ async function measureModel(name: string) {
   }
   const seq = [...c.prompt, ...continuation];
   // Positions 0..n-2 predict tokens 1..n-1; the last position's prediction is compared too.
-  const passes = new Map<WeightFormat, Pass[]>();
-  for (const f of formats) passes.set(f, []);
+  const labels = formats.map((f) => f.label);
+  const passes = new Map<string, Pass[]>();
+  for (const f of labels) passes.set(f, []);
   for (let r = 0; r < reps; r++) {
-    for (const f of r % 2 ? [...formats].reverse() : formats) {
+    for (const f of r % 2 ? [...labels].reverse() : labels) {
       passes.get(f)!.push(await teacherForced(runners.get(f)!, V, D, seq, c.prompt.length, seqId++));
     }
   }
   const base = passes.get("fp32")![0]!.logprobs;
-  const rows = formats.map((f) => {
+  const rows = labels.map((f) => {
     const lp = passes.get(f)![0]!.logprobs;
     let sum = 0;
     let max = 0;

@@ -59,6 +59,13 @@ export const configSchema = z
     adapterUrlMaxMb: z.coerce.number().positive().default(512),
     /** How the graph stores and multiplies the base weights (model/builder/quantize.ts WEIGHT_FORMATS). */
     weights: z.enum(["fp32", "fp16", "int8", "int4"]).default("fp32"),
+    /** int8/int4: values per quantisation block (a power of two from 16 to 256; larger is faster, less exact). */
+    quantBlockSize: z.coerce
+      .number()
+      .refine((n): n is 16 | 32 | 64 | 128 | 256 => [16, 32, 64, 128, 256].includes(n), {
+        message: "must be one of 16, 32, 64, 128, 256 (MatMulNBits block sizes)",
+      })
+      .default(32),
     /** Execution provider (model/device.ts); `auto` = the first of cuda, webgpu, cpu that initialises. */
     device: z.enum(["cpu", "webgpu", "cuda", "auto"]).default("cpu"),
     /** Run the model in-process instead of in a worker thread (tests, debugging). */
@@ -103,6 +110,7 @@ const FLAGS = {
   "log-level": "string",
   "in-process": "boolean",
   weights: "string",
+  "quant-block-size": "string",
   device: "string",
   watch: "boolean",
   "no-watch": "boolean",

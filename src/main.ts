@@ -42,6 +42,7 @@ async function start(config: Config) {
     threads: config.threads,
     inProcess: config.inProcess,
     weights: config.weights,
+    quantBlockSize: config.quantBlockSize,
     device: config.device,
     pools: {
       loraSlots: config.maxResidentAdapters,
@@ -62,6 +63,7 @@ async function start(config: Config) {
     context: spec.maxPositionEmbeddings,
     storedDtype: model.report.storedDtypes.join(",") || "cached",
     weights: model.report.weights,
+    quantBlockSize: model.report.weights.startsWith("int") ? config.quantBlockSize : undefined,
     device: model.report.device,
     threads: config.threads,
     graph: model.report.graphCacheHit ? "cached" : "built",

@@ -30,6 +30,8 @@ test("an empty command line and environment give the documented defaults", () =>
   assert.equal(config.kvCacheMb, 1024);
   assert.equal(config.maxResidentAdapters, 8);
   assert.equal(config.maxLoraRank, 16);
+  assert.equal(config.weights, "fp32");
+  assert.equal(config.quantBlockSize, 32);
   assert.equal(config.threads, availableParallelism());
   assert.equal(config.logLevel, "info");
   assert.equal(config.logPrompts, false);
@@ -54,6 +56,10 @@ test("flags are parsed into typed values", () => {
     "--in-process",
     "--model",
     "/models/x",
+    "--weights",
+    "int4",
+    "--quant-block-size",
+    "128",
   ]);
   assert.equal(config.port, 9000);
   assert.equal(config.maxNumSeqs, 4);
@@ -63,6 +69,8 @@ test("flags are parsed into typed values", () => {
   assert.equal(config.logPrompts, true);
   assert.equal(config.inProcess, true);
   assert.equal(config.model, "/models/x");
+  assert.equal(config.weights, "int4");
+  assert.equal(config.quantBlockSize, 128);
 });
 
 test("TASKMUX_* environment variables set options and flags beat them", () => {
@@ -147,6 +155,7 @@ test("invalid values are ConfigErrors naming the flag", () => {
     { argv: ["--log-level", "verbose"], flag: "--log-level" },
     { argv: ["--body-limit-mb", "-1"], flag: "--body-limit-mb" },
     { argv: ["--max-lora-rank", "1024"], flag: "--max-lora-rank" },
+    { argv: ["--quant-block-size", "48"], flag: "--quant-block-size" },
   ];
   for (const c of cases) assertConfigError(c.argv, c.env ?? {}, c.flag);
 });

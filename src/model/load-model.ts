@@ -4,7 +4,7 @@
  */
 import { buildOrReuseGraph } from "./builder/build-cache.ts";
 import type { GraphOptions } from "./builder/llama-graph.ts";
-import type { WeightFormat } from "./builder/quantize.ts";
+import type { QuantBlockSize, WeightFormat } from "./builder/quantize.ts";
 import { type CheckpointInfo, inspectCheckpoint } from "./checkpoint.ts";
 import { FULL_PEFT_LAYOUT, type ModelBackend, type PeftLayout } from "./contract.ts";
 import {
@@ -28,6 +28,8 @@ export interface LoadModelOptions {
   peft?: PeftLayout;
   /** How the graph stores and multiplies the base weights (default fp32; see GraphOptions.weights). */
   weights?: WeightFormat;
+  /** int8/int4: values per quantisation block (default 32; see GraphOptions.quantBlockSize). */
+  quantBlockSize?: QuantBlockSize;
   /** Run the session on this thread (tests); the server uses the worker. */
   inProcess?: boolean;
   /** Execution provider (default cpu); `auto` takes the first that initialises. */
@@ -58,7 +60,12 @@ export async function loadModel(options: LoadModelOptions): Promise<LoadedModel>
   const info = inspectCheckpoint(options.modelDir);
   const tokenizer = TextTokenizer.load(options.modelDir);
   const peft = options.peft ?? FULL_PEFT_LAYOUT;
-  const graph: GraphOptions = { peft, rope: "contrib", weights: options.weights ?? "fp32" };
+  const graph: GraphOptions = {
+    peft,
+    rope: "contrib",
+    weights: options.weights ?? "fp32",
+    quantBlockSize: options.quantBlockSize,
+  };
   const built = buildOrReuseGraph(info, graph, options.cacheDir);
   const runnerOptions: RunnerOptions = {
     modelPath: built.modelPath,

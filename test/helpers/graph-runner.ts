@@ -3,7 +3,7 @@ import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { buildOrReuseGraph } from "../../src/model/builder/build-cache.ts";
 import type { RopeImplementation } from "../../src/model/builder/llama-graph.ts";
-import type { WeightFormat } from "../../src/model/builder/quantize.ts";
+import type { QuantBlockSize, WeightFormat } from "../../src/model/builder/quantize.ts";
 import type { BaseWeights, Checkpoint } from "../../src/model/checkpoint.ts";
 import { FULL_PEFT_LAYOUT, type PeftLayout } from "../../src/model/contract.ts";
 import type { ModelSpec } from "../../src/model/model-spec.ts";
@@ -27,6 +27,7 @@ export async function runnerFor(
     pools?: PoolCapacity;
     rope?: RopeImplementation;
     weights?: WeightFormat;
+    quantBlockSize?: QuantBlockSize;
   } = {},
 ): Promise<ModelRunner> {
   const hash = createHash("sha256");
@@ -45,7 +46,12 @@ export async function runnerFor(
   const peft = options.peft ?? FULL_PEFT_LAYOUT;
   const built = buildOrReuseGraph(
     checkpoint,
-    { peft, rope: options.rope ?? "contrib", weights: options.weights ?? "fp32" },
+    {
+      peft,
+      rope: options.rope ?? "contrib",
+      weights: options.weights ?? "fp32",
+      quantBlockSize: options.quantBlockSize,
+    },
     join(TEST_CACHE_DIR, "made-up"),
   );
   return ModelRunner.create({

@@ -282,3 +282,26 @@ describe("weight formats: partial PEFT layouts (the base-only branch and a q/v-o
     assert.ok(worstRowError(plain, base, V) < 1e-5, "the layout without PEFT paths equals the base branch");
   });
 });
+
+describe("weight formats: the quantisation block size", () => {
+  test("int4 at block 128 equals the reference on its block-128 weights, not on block 32's", async () => {
+    const { spec, weights } = makeRandomModel(SPEC, 27, { std: 0.08 });
+    const tokens = [...PROMPT, ...CONTINUATION];
+    const runner = await runnerFor(spec, weights, { weights: "int4", quantBlockSize: 128 });
+    const logits = await graphLogits(runner, spec);
+    await runner.dispose();
+    const V = spec.vocabSize;
+    const own = worstRowError(
+      logits,
+      referenceForward(spec, effectiveWeights(weights, "int4", 128), { tokens }),
+      V,
+    );
+    const block32 = worstRowError(
+      logits,
+      referenceForward(spec, effectiveWeights(weights, "int4"), { tokens }),
+      V,
+    );
+    assert.ok(own < KERNEL_TOLERANCE.int4, `block 128 against its own effective weights: ${own}`);
+    assert.ok(block32 > 2 * own, `block 128 is not block 32 in disguise: ${block32} against ${own}`);
+  });
+});

@@ -7,6 +7,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, w
 import { basename, join } from "node:path";
 import { type Checkpoint, type CheckpointInfo, loadCheckpoint } from "../checkpoint.ts";
 import { buildLlamaGraph, type GraphOptions } from "./llama-graph.ts";
+import { bitsOf, QUANT_BLOCK_SIZE } from "./quantize.ts";
 
 /** Bump when the graph layout changes, so stale cached graphs are never loaded. */
 export const BUILDER_VERSION = 10;
@@ -68,8 +69,17 @@ export function graphCacheKey(
       JSON.stringify({
         v: BUILDER_VERSION,
         hash: checkpoint.contentHash,
-        // The weight format is part of the key; absent means fp32.
-        options: { ...options, weights: options.weights ?? "fp32" },
+        // The weight format is part of the key; absent means fp32. The block size is left out where it changes
+        // nothing (float formats) and at its default, so one graph is not built twice under two keys.
+        options: {
+          ...options,
+          weights: options.weights ?? "fp32",
+          quantBlockSize:
+            bitsOf(options.weights ?? "fp32") !== null &&
+            (options.quantBlockSize ?? QUANT_BLOCK_SIZE) !== QUANT_BLOCK_SIZE
+              ? options.quantBlockSize
+              : undefined,
+        },
       }),
     )
     .digest("hex")

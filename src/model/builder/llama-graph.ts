@@ -16,7 +16,14 @@ import {
 import { type ModelSpec, ropeTables } from "../model-spec.ts";
 import { GraphBuilder } from "./graph.ts";
 import { DataType } from "./onnx-proto.ts";
-import { bitsOf, QUANT_BLOCK_SIZE, quantizeMatrix, toFloat16, type WeightFormat } from "./quantize.ts";
+import {
+  bitsOf,
+  QUANT_BLOCK_SIZE,
+  type QuantBlockSize,
+  quantizeMatrix,
+  toFloat16,
+  type WeightFormat,
+} from "./quantize.ts";
 
 export type RopeImplementation = "contrib" | "manual";
 
@@ -30,11 +37,13 @@ export interface GraphOptions {
    *   fp32  MatMul / Gemm on fp32 initializers
    *   fp16  fp16 initializers + Cast to fp32 (onnxruntime folds the Cast at session creation: half the file,
    *         fp32 compute; resident memory a little above fp32's)
-   *   int8, int4  com.microsoft MatMulNBits, block 32, symmetric, accuracy_level 4; the LM head gets its own
-   *         quantised [V, D] copy, the embedding Gather keeps fp32
+   *   int8, int4  com.microsoft MatMulNBits, symmetric blocks of `quantBlockSize`, accuracy_level 4; the LM
+   *         head gets its own quantised [V, D] copy, the embedding Gather keeps fp32
    * Norms, biases, rope tables and every PEFT input stay fp32.
    */
   weights?: WeightFormat;
+  /** int8/int4 only: values per quantisation block along K (default 32, llama.cpp Q4_0's; QUANT_BLOCK_SIZES). */
+  quantBlockSize?: QuantBlockSize;
 }
 
 /** MatMulNBits accuracy_level 4: int8 activations (VNNI); never 8-bit with level 0 (ort-facts §2). */
@@ -127,6 +136,7 @@ class LlamaGraph {
   private readonly kvDim: number;
   private readonly eps: { float: number };
   private readonly format: WeightFormat;
+  private readonly blockSize: QuantBlockSize;
   private skipNorms = 0;
 
   constructor(
@@ -140,6 +150,7 @@ class LlamaGraph {
     this.kvDim = spec.numKvHeads * spec.headDim;
     this.eps = { float: spec.rmsNormEps };
     this.format = options.weights ?? "fp32";
+    this.blockSize = options.quantBlockSize ?? QUANT_BLOCK_SIZE;
   }
 
   /**
@@ -321,11 +332,11 @@ class LlamaGraph {
     const { g } = this;
     const bits = bitsOf(this.format);
     if (bits !== null) {
-      const q = quantizeMatrix(w, outDim, inDim, bits, QUANT_BLOCK_SIZE);
+      const q = quantizeMatrix(w, outDim, inDim, bits, this.blockSize);
       const blob = g.externalTensor(
         `${name}.q${bits}`,
         DataType.UINT8,
-        [outDim, q.blocksPerRow, (QUANT_BLOCK_SIZE * bits) / 8],
+        [outDim, q.blocksPerRow, (this.blockSize * bits) / 8],
         q.data,
       );
       const scales = g.weight(`${name}.scales`, [outDim * q.blocksPerRow], q.scales);
@@ -375,7 +386,7 @@ class LlamaGraph {
               K: w.k,
               N: w.n,
               bits: w.bits,
-              block_size: QUANT_BLOCK_SIZE,
+              block_size: this.blockSize,
               accuracy_level: NBITS_ACCURACY_LEVEL,
             },
             "com.microsoft",

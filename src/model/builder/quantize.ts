@@ -18,7 +18,10 @@ import type { BaseWeights, LayerWeights } from "../checkpoint.ts";
 export const WEIGHT_FORMATS = ["fp32", "fp16", "int8", "int4"] as const;
 export type WeightFormat = (typeof WEIGHT_FORMATS)[number];
 
-export const QUANT_BLOCK_SIZE = 32;
+/** Block sizes MatMulNBits takes (a power of two, at least 16); 32 is llama.cpp Q4_0's and the default. */
+export const QUANT_BLOCK_SIZES = [16, 32, 64, 128, 256] as const;
+export type QuantBlockSize = (typeof QUANT_BLOCK_SIZES)[number];
+export const QUANT_BLOCK_SIZE: QuantBlockSize = 32;
 
 export type QuantBits = 4 | 8;
 
@@ -63,7 +66,7 @@ export function quantizeMatrix(
   n: number,
   k: number,
   bits: QuantBits,
-  blockSize = QUANT_BLOCK_SIZE,
+  blockSize: number = QUANT_BLOCK_SIZE,
 ): QuantizedMatrix {
   if (w.length !== n * k) throw new Error(`quantizeMatrix: ${w.length} values for [${n}, ${k}]`);
   const blocksPerRow = Math.ceil(k / blockSize);
@@ -115,7 +118,12 @@ export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
 }
 
 /** Stored bytes of a quantised [n, k] matrix (data + fp32 scales). */
-export function quantizedBytes(n: number, k: number, bits: QuantBits, blockSize = QUANT_BLOCK_SIZE): number {
+export function quantizedBytes(
+  n: number,
+  k: number,
+  bits: QuantBits,
+  blockSize: number = QUANT_BLOCK_SIZE,
+): number {
   const blocks = n * Math.ceil(k / blockSize);
   return blocks * ((blockSize * bits) / 8) + blocks * 4;
 }
@@ -184,12 +192,18 @@ export function roundToFloat16(src: Float32Array): Float32Array {
  * trip; quantised formats keep the fp32 embedding for the Gather (a tied head becomes its own array), fp16 rounds
  * the embedding too (one fp16 table serves both). Norms and biases stay as they are.
  */
-export function effectiveWeights(weights: BaseWeights, format: WeightFormat): BaseWeights {
+export function effectiveWeights(
+  weights: BaseWeights,
+  format: WeightFormat,
+  blockSize: QuantBlockSize = QUANT_BLOCK_SIZE,
+): BaseWeights {
   if (format === "fp32") return weights;
   const bits = bitsOf(format);
   const dims = (w: Float32Array, inDim: number): [number, number] => [w.length / inDim, inDim];
   const convert = (w: Float32Array, inDim: number): Float32Array =>
-    bits === null ? roundToFloat16(w) : dequantizeMatrix(quantizeMatrix(w, ...dims(w, inDim), bits));
+    bits === null
+      ? roundToFloat16(w)
+      : dequantizeMatrix(quantizeMatrix(w, ...dims(w, inDim), bits, blockSize));
   const d = weights.finalNorm.length;
   const layers = weights.layers.map(
     (l): LayerWeights => ({
