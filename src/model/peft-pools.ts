@@ -41,7 +41,11 @@ export class PeftPools {
     BottleneckPlace,
     { down: Float32Array; downBias: Float32Array; up: Float32Array; upBias: Float32Array }
   >();
-  private readonly identity: Record<string, FeedValue> = {};
+  /**
+   * Every pool input at its identity (zero-rank LoRA and bottleneck, all-ones IA3): fed as the step's defaults, so
+   * one stable object serves every step and `feeds` returns only what a step changes.
+   */
+  readonly defaults: Readonly<Record<string, FeedValue>>;
   /** LoRA slot -> the projections its adapter has weights for. */
   private readonly loraTargetsOf = new Map<number, Set<Projection>>();
   /** LoRA slot -> how many times it was written or cleared, so row copies of an older adapter are refreshed. */
@@ -56,17 +60,19 @@ export class PeftPools {
     const L = spec.numLayers;
     const D = spec.hiddenSize;
     this.loraRows = new LoraRows(spec, capacity.maxLoraRank);
-    for (const m of layout.loraTargets) Object.assign(this.identity, this.zeroRankLora(m));
+    const identity: Record<string, FeedValue> = {};
+    this.defaults = identity;
+    for (const m of layout.loraTargets) Object.assign(identity, this.zeroRankLora(m));
     for (const m of layout.ia3Targets) {
       const dim = ia3Dim(spec, m);
-      this.identity[INPUT.ia3(m)] = f32(new Float32Array(L * dim).fill(1), [L, dim]);
+      identity[INPUT.ia3(m)] = f32(new Float32Array(L * dim).fill(1), [L, dim]);
     }
     if (layout.bottleneck) {
       for (const p of BOTTLENECK_PLACES) {
-        this.identity[INPUT.bottleneckDown(p)] = f32(new Float32Array(0), [L, D, 0]);
-        this.identity[INPUT.bottleneckDownBias(p)] = f32(new Float32Array(0), [L, 0]);
-        this.identity[INPUT.bottleneckUp(p)] = f32(new Float32Array(0), [L, 0, D]);
-        this.identity[INPUT.bottleneckUpBias(p)] = f32(new Float32Array(L * D), [L, D]);
+        identity[INPUT.bottleneckDown(p)] = f32(new Float32Array(0), [L, D, 0]);
+        identity[INPUT.bottleneckDownBias(p)] = f32(new Float32Array(0), [L, 0]);
+        identity[INPUT.bottleneckUp(p)] = f32(new Float32Array(0), [L, 0, D]);
+        identity[INPUT.bottleneckUpBias(p)] = f32(new Float32Array(L * D), [L, D]);
       }
     }
   }
@@ -204,11 +210,11 @@ export class PeftPools {
   }
 
   /**
-   * Pool feeds for one step; a kind no row uses gets the zero-rank identity. `loraSlots` are the step's rows'
-   * LoRA slots: a projection none of their adapters targets is fed at rank 0 with every slot's rows.
+   * The pool feeds a step changes from `defaults`: a kind no row uses keeps the identity. `loraSlots` are the
+   * step's rows' LoRA slots: a projection none of their adapters targets keeps its rank-0 default.
    */
   feeds(used: Record<PoolKind, boolean>, loraSlots: ArrayLike<bigint> = []): Record<string, FeedValue> {
-    const feeds: Record<string, FeedValue> = { ...this.identity };
+    const feeds: Record<string, FeedValue> = {};
     const D = this.spec.hiddenSize;
     if (used.lora && this.lora.size) {
       const targeted = new Set<Projection>();

@@ -99,7 +99,7 @@ export class ModelRunner implements ModelBackend {
     const R = batch.logitsIndex.length;
     const perRow = R === 0 ? [] : batch.fetchLogits ? [OUTPUT.logits, ...this.rowOutputs] : this.rowOutputs;
     const fetched = [...perRow, ...this.kvOutputs];
-    const out = await this.session.run(feeds, fetched);
+    const out = await this.session.run(feeds, fetched, this.pools.defaults);
     const newKeys: Float32Array[] = [];
     const newValues: Float32Array[] = [];
     for (let l = 0; l < spec.numLayers; l++) {

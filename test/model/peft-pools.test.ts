@@ -26,6 +26,11 @@ function lora(targets: ("q_proj" | "v_proj" | "down_proj")[]) {
 
 const on = { lora: true, ia3: false, bottleneck: false };
 type Feeds = ReturnType<PeftPools["feeds"]>;
+/** What a step is fed: the pools' defaults, overridden by the step's own feeds. */
+const fed = (pools: PeftPools, slots: BigInt64Array): Feeds => ({
+  ...pools.defaults,
+  ...pools.feeds(on, slots),
+});
 type Target = (typeof FULL_PEFT_LAYOUT.loraTargets)[number];
 
 /** The rank projection m is fed at in `feeds` (every layer alike), checking the feeds' shapes on the way. */
@@ -70,11 +75,11 @@ test("a LoRA projection none of the step's adapters targets is fed at rank 0, th
   pools.writeSlot("lora", 1, lora(["q_proj", "v_proj"]));
   pools.writeSlot("lora", 2, lora(["down_proj"]));
 
-  const onlyFirst = pools.feeds(on, BigInt64Array.of(1n, 0n, 1n));
+  const onlyFirst = fed(pools, BigInt64Array.of(1n, 0n, 1n));
   for (const m of FULL_PEFT_LAYOUT.loraTargets) {
     assert.equal(rankOf(onlyFirst, m, 3), ["q_proj", "v_proj"].includes(m) ? 4 : 0, `slot 1 step: ${m}`);
   }
-  const both = pools.feeds(on, BigInt64Array.of(2n, 1n));
+  const both = fed(pools, BigInt64Array.of(2n, 1n));
   for (const m of FULL_PEFT_LAYOUT.loraTargets) {
     assert.equal(
       rankOf(both, m, 2),
@@ -88,9 +93,9 @@ test("clearing a slot forgets its targets; rewriting it with other targets takes
   const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
   pools.writeSlot("lora", 1, lora(["q_proj"]));
   pools.clearSlot("lora", 1);
-  assert.equal(rankOf(pools.feeds(on, BigInt64Array.of(1n)), "q_proj", 1), 0, "cleared slot targets nothing");
+  assert.equal(rankOf(fed(pools, BigInt64Array.of(1n)), "q_proj", 1), 0, "cleared slot targets nothing");
   pools.writeSlot("lora", 1, lora(["v_proj"]));
-  const feeds = pools.feeds(on, BigInt64Array.of(1n));
+  const feeds = fed(pools, BigInt64Array.of(1n));
   assert.equal(rankOf(feeds, "q_proj", 1), 0, "old target gone");
   assert.equal(rankOf(feeds, "v_proj", 1), 4, "new target fed");
 });
@@ -126,11 +131,28 @@ test("each row is fed its own slot's weights, through row moves, slot rewrites a
     }
   };
   for (const s of [1, 2, 3]) pools.writeSlot("lora", s, adapter(s));
-  check(pools.feeds(on, BigInt64Array.of(1n, 2n)), [1, 2], "first step");
-  check(pools.feeds(on, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "rows moved, one without adapter");
+  check(fed(pools, BigInt64Array.of(1n, 2n)), [1, 2], "first step");
+  check(fed(pools, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "rows moved, one without adapter");
   pools.writeSlot("lora", 2, adapter(2, 3));
-  check(pools.feeds(on, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "slot 2 rewritten in place", { 2: 3 });
+  check(fed(pools, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "slot 2 rewritten in place", { 2: 3 });
   const many = Array.from({ length: 11 }, (_, i) => (i % 3) + 1);
-  check(pools.feeds(on, BigInt64Array.from(many, BigInt)), many, "batch grown past a row block", { 2: 3 });
+  check(fed(pools, BigInt64Array.from(many, BigInt)), many, "batch grown past a row block", { 2: 3 });
   assert.ok(pools.loraRowsAllocated >= 11, "rows grew to the batch");
+});
+
+test("a step feeds only what it changes; the defaults hold every pool input at its identity", () => {
+  const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
+  pools.writeSlot("lora", 1, lora(["q_proj"]));
+  const none = { lora: false, ia3: false, bottleneck: false };
+  assert.deepEqual(Object.keys(pools.feeds(none, BigInt64Array.of(0n))), [], "a base step changes nothing");
+  const loraStep = Object.keys(pools.feeds(on, BigInt64Array.of(1n)));
+  assert.equal(loraStep.length, 2 * spec.numLayers, "a q-only LoRA step feeds q's A and B in every layer");
+  for (const name of loraStep) assert.ok(name in pools.defaults, `${name} is a graph input with a default`);
+  const ia3Names = FULL_PEFT_LAYOUT.ia3Targets.map((m) => INPUT.ia3(m));
+  for (const name of ia3Names) {
+    assert.ok(
+      pools.defaults[name]!.data.every((v) => v === 1),
+      `${name} defaults to all-ones scales`,
+    );
+  }
 });
