@@ -46,8 +46,8 @@ export class PeftPools {
    * one stable object serves every step and `feeds` returns only what a step changes.
    */
   readonly defaults: Readonly<Record<string, FeedValue>>;
-  /** LoRA slot -> the projections its adapter has weights for. */
-  private readonly loraTargetsOf = new Map<number, Set<Projection>>();
+  /** LoRA slot -> the projections its adapter has weights for, and its rank on each. */
+  private readonly loraTargetsOf = new Map<number, Map<Projection, number>>();
   /** LoRA slot -> how many times it was written or cleared, so row copies of an older adapter are refreshed. */
   private readonly loraVersions = new Map<number, number>();
   private readonly loraRows: LoraRows;
@@ -59,7 +59,7 @@ export class PeftPools {
   ) {
     const L = spec.numLayers;
     const D = spec.hiddenSize;
-    this.loraRows = new LoraRows(spec, capacity.maxLoraRank);
+    this.loraRows = new LoraRows(spec);
     const identity: Record<string, FeedValue> = {};
     this.defaults = identity;
     for (const m of layout.loraTargets) Object.assign(identity, this.zeroRankLora(m));
@@ -146,8 +146,8 @@ export class PeftPools {
     for (const [m, pool] of this.lora) {
       const w = weights.lora?.get(moduleKey(l, m));
       if (!w) continue;
-      const targets = this.loraTargetsOf.get(slot) ?? new Set<Projection>();
-      targets.add(m);
+      const targets = this.loraTargetsOf.get(slot) ?? new Map<Projection, number>();
+      targets.set(m, Math.max(targets.get(m) ?? 0, w.rank));
       this.loraTargetsOf.set(slot, targets);
       const { inDim, outDim } = projectionDims(this.spec, m);
       // A [rank, in] -> pool [in, r] (zero-padded ranks are exact); B [out, rank] -> pool [r, out].
@@ -219,11 +219,23 @@ export class PeftPools {
     if (used.lora && this.lora.size) {
       const targeted = new Set<Projection>();
       for (let i = 0; i < loraSlots.length; i++) {
-        for (const m of this.loraTargetsOf.get(Number(loraSlots[i])) ?? []) targeted.add(m);
+        for (const m of this.loraTargetsOf.get(Number(loraSlots[i]))?.keys() ?? []) targeted.add(m);
       }
       const versionOf = (slot: number) => this.loraVersions.get(slot) ?? 0;
       for (const [m, pool] of this.lora) {
-        if (targeted.has(m)) this.loraRows.feeds(m, pool, loraSlots, versionOf, feeds);
+        if (!targeted.has(m)) continue;
+        // The rows hold the largest rank any resident adapter has on m, not --max-lora-rank: the pool's extra
+        // columns are zeros, and copying them would cost memory and bandwidth for nothing.
+        let rank = 0;
+        for (const ranks of this.loraTargetsOf.values()) rank = Math.max(rank, ranks.get(m) ?? 0);
+        this.loraRows.feeds(
+          m,
+          { ...pool, rank: this.capacity.maxLoraRank },
+          rank,
+          loraSlots,
+          versionOf,
+          feeds,
+        );
       }
     }
     if (used.ia3 && this.ia3.size) {

@@ -70,20 +70,20 @@ const rowA = (feeds: Feeds, l: number, m: Target, row: number) => {
   return Array.from(a.data.subarray(row * size, (row + 1) * size) as Float32Array);
 };
 
-test("a LoRA projection none of the step's adapters targets is fed at rank 0, the others at full rank", () => {
+test("a LoRA projection none of the step's adapters targets is fed at rank 0, the others at the adapters' rank", () => {
   const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
   pools.writeSlot("lora", 1, lora(["q_proj", "v_proj"]));
   pools.writeSlot("lora", 2, lora(["down_proj"]));
 
   const onlyFirst = fed(pools, BigInt64Array.of(1n, 0n, 1n));
   for (const m of FULL_PEFT_LAYOUT.loraTargets) {
-    assert.equal(rankOf(onlyFirst, m, 3), ["q_proj", "v_proj"].includes(m) ? 4 : 0, `slot 1 step: ${m}`);
+    assert.equal(rankOf(onlyFirst, m, 3), ["q_proj", "v_proj"].includes(m) ? 2 : 0, `slot 1 step: ${m}`);
   }
   const both = fed(pools, BigInt64Array.of(2n, 1n));
   for (const m of FULL_PEFT_LAYOUT.loraTargets) {
     assert.equal(
       rankOf(both, m, 2),
-      ["q_proj", "v_proj", "down_proj"].includes(m) ? 4 : 0,
+      ["q_proj", "v_proj", "down_proj"].includes(m) ? 2 : 0,
       `slots 1+2: ${m}`,
     );
   }
@@ -97,46 +97,67 @@ test("clearing a slot forgets its targets; rewriting it with other targets takes
   pools.writeSlot("lora", 1, lora(["v_proj"]));
   const feeds = fed(pools, BigInt64Array.of(1n));
   assert.equal(rankOf(feeds, "q_proj", 1), 0, "old target gone");
-  assert.equal(rankOf(feeds, "v_proj", 1), 4, "new target fed");
+  assert.equal(rankOf(feeds, "v_proj", 1), 2, "new target fed at the adapter's rank");
 });
 
-test("each row is fed its own slot's weights, through row moves, slot rewrites and batch growth", () => {
+test("each row is fed its own slot's weights, through row moves, slot rewrites, rank changes and batch growth", () => {
   const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
-  /** Slot s's A in layer l: every entry (s, l)-specific, rank 2 of the pool's 4 (the rest zero-padded). */
-  const adapter = (s: number, scale = 1) => {
+  const { inDim, outDim } = projectionDims(spec, "q_proj");
+  /** A's entry for rank index k in layer l of slot s: (s, l, k)-specific. */
+  const value = (s: number, l: number, k: number, scale: number) => scale * (s * 10 + l + 1) * (k + 1);
+  const adapter = (s: number, { scale = 1, rank = 2 } = {}) => {
     const weights = new Map();
-    const { inDim, outDim } = projectionDims(spec, "q_proj");
     for (let l = 0; l < spec.numLayers; l++) {
-      weights.set(moduleKey(l, "q_proj"), {
-        rank: 2,
-        a: new Float32Array(2 * inDim).fill(scale * (s * 10 + l + 1)),
-        b: new Float32Array(outDim * 2).fill(1),
-      });
+      const a = new Float32Array(rank * inDim);
+      for (let k = 0; k < rank; k++) a.fill(value(s, l, k, scale), k * inDim, (k + 1) * inDim);
+      weights.set(moduleKey(l, "q_proj"), { rank, a, b: new Float32Array(outDim * rank).fill(1) });
     }
     return { lora: weights };
   };
-  const { inDim } = projectionDims(spec, "q_proj");
-  /** What a row holding slot s (0: no adapter) must be fed in layer l: [in][r], ranks 0-1 set. */
-  const expectedA = (s: number, l: number, scale = 1) =>
-    Array.from({ length: inDim * 4 }, (_, i) => (s > 0 && i % 4 < 2 ? scale * (s * 10 + l + 1) : 0));
-  const check = (feeds: Feeds, slots: number[], what: string, scales: Record<number, number> = {}) => {
+  /** What a row holding slot s (0: no adapter) must be fed in layer l: [in][width], columns past its rank 0. */
+  const expectedA = (s: number, l: number, width: number, { scale = 1, rank = 2 } = {}) =>
+    Array.from({ length: inDim * width }, (_, i) => {
+      const k = i % width;
+      return s > 0 && k < rank ? value(s, l, k, scale) : 0;
+    });
+  const check = (
+    feeds: Feeds,
+    slots: number[],
+    width: number,
+    what: string,
+    shapes: Record<number, { scale?: number; rank?: number }> = {},
+  ) => {
+    assert.equal(rankOf(feeds, "q_proj", slots.length), width, `${what}: fed rank`);
     for (let l = 0; l < spec.numLayers; l++) {
       slots.forEach((s, row) => {
         assert.deepEqual(
           rowA(feeds, l, "q_proj", row),
-          expectedA(s, l, scales[s]),
+          expectedA(s, l, width, shapes[s]),
           `${what}: layer ${l} row ${row}`,
         );
       });
     }
   };
   for (const s of [1, 2, 3]) pools.writeSlot("lora", s, adapter(s));
-  check(fed(pools, BigInt64Array.of(1n, 2n)), [1, 2], "first step");
-  check(fed(pools, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "rows moved, one without adapter");
-  pools.writeSlot("lora", 2, adapter(2, 3));
-  check(fed(pools, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], "slot 2 rewritten in place", { 2: 3 });
-  const many = Array.from({ length: 11 }, (_, i) => (i % 3) + 1);
-  check(fed(pools, BigInt64Array.from(many, BigInt)), many, "batch grown past a row block", { 2: 3 });
+  check(fed(pools, BigInt64Array.of(1n, 2n)), [1, 2], 2, "first step (rank 2 of the pool's 4)");
+  check(fed(pools, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], 2, "rows moved, one without adapter");
+  pools.writeSlot("lora", 2, adapter(2, { scale: 3 }));
+  check(fed(pools, BigInt64Array.of(2n, 0n, 1n)), [2, 0, 1], 2, "slot 2 rewritten in place", {
+    2: { scale: 3 },
+  });
+  pools.writeSlot("lora", 3, adapter(3, { rank: 3 }));
+  check(fed(pools, BigInt64Array.of(2n, 3n, 1n)), [2, 3, 1], 3, "a rank-3 adapter widens every row", {
+    2: { scale: 3 },
+    3: { rank: 3 },
+  });
+  pools.clearSlot("lora", 3);
+  check(fed(pools, BigInt64Array.of(1n, 2n)), [1, 2], 2, "back to rank 2 once it is gone", {
+    2: { scale: 3 },
+  });
+  const many = Array.from({ length: 11 }, (_, i) => (i % 2) + 1);
+  check(fed(pools, BigInt64Array.from(many, BigInt)), many, 2, "batch grown past a row block", {
+    2: { scale: 3 },
+  });
   assert.ok(pools.loraRowsAllocated >= 11, "rows grew to the batch");
 });
 
