@@ -4,7 +4,8 @@
  * same prompt ids and the same threads, measured interleaved in one run:
  *
  *   pairs    taskmux fp32 vs GGUF F32; taskmux int4 (MatMulNBits, blocks of 32 like Q4_0's) vs GGUF Q4_0 (every 2-D
- *            weight, head included); taskmux int4@128 (`--quant-block-size 128`: faster, less exact) vs the same Q4_0
+ *            weight, head included); taskmux int4@128 (`--quant-block-size 128`: faster, less exact) vs the same Q4_0;
+ *            taskmux fp32+spin (`--spin`: threads spin within a step) vs the same F32
  *   metrics  prefill of a 128-token prompt (1 sequence); batch-1 decode; aggregate decode with 8 and 32 concurrent
  *            sequences; each also as a fraction of the roofline it is bound by (bench/machine.ts)
  *
@@ -227,9 +228,11 @@ class TaskmuxSide {
     threads: number,
     vocab: number,
     quantBlockSize?: number,
+    spin = false,
   ): Promise<TaskmuxSide> {
     const server = await startServer([
       ...(quantBlockSize ? ["--quant-block-size", String(quantBlockSize)] : []),
+      ...(spin ? ["--spin"] : []),
       "--model",
       modelDir,
       "--threads",
@@ -485,15 +488,17 @@ export interface CompareOptions {
   outDir: string;
 }
 
-/** `ours` labels the taskmux side: its --weights, and @B for a non-default --quant-block-size B. */
+/** `ours` labels the taskmux side: its --weights, @B for a non-default --quant-block-size B, +spin for --spin. */
 const PAIRS = [
   { ours: "fp32", weights: "fp32", gguf: "F32" },
+  { ours: "fp32+spin", weights: "fp32", spin: true, gguf: "F32" },
   { ours: "int4", weights: "int4", gguf: "Q4_0" },
   { ours: "int4@128", weights: "int4", quantBlockSize: 128, gguf: "Q4_0" },
 ] as const satisfies readonly {
   ours: string;
   weights: string;
   quantBlockSize?: QuantBlockSize;
+  spin?: boolean;
   gguf: GgufWeights;
 }[];
 
@@ -507,7 +512,7 @@ interface Sample {
 
 /** Weight bytes one forward pass streams (every matmul weight once; the embedding Gather reads only rows). */
 function bytesPerStep(spec: ModelSpec, label: string): number {
-  const [format, block] = label.split("@");
+  const [format, block] = label.replace("+spin", "").split("@");
   const blockSize = block ? Number(block) : QUANT_BLOCK_SIZE;
   const d = spec.hiddenSize;
   const q = spec.numHeads * spec.headDim;
@@ -579,10 +584,11 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
     for (const pair of PAIRS) {
       const gguf = ensureGguf(modelDir, pair.gguf);
       const block = "quantBlockSize" in pair ? pair.quantBlockSize : undefined;
+      const spin = "spin" in pair && pair.spin;
       log(`starting taskmux ${pair.ours}`);
       sides.push({
         label: `taskmux ${pair.ours}`,
-        side: await TaskmuxSide.start(modelDir, pair.weights, threads, spec.vocabSize, block),
+        side: await TaskmuxSide.start(modelDir, pair.weights, threads, spec.vocabSize, block, spin),
       });
       if (sides.some((s) => s.label === `llama.cpp ${pair.gguf}`)) continue;
       log(`starting node-llama-cpp ${pair.gguf}`);

@@ -23,6 +23,8 @@ export const configSchema = z
       .min(1)
       .default(join(process.env.XDG_CACHE_HOME ?? join(homedir(), ".cache"), "taskmux")),
     threads: z.coerce.number().int().min(1).max(256).default(availableParallelism()),
+    /** onnxruntime threads spin between the ops of a step (stopping after it); for cores no other process uses. */
+    spin: z.coerce.boolean().default(false),
     maxNumSeqs: positiveInt.max(1024).default(32),
     maxBatchedTokens: positiveInt.default(256),
     maxWaiting: positiveInt.default(256),
@@ -92,6 +94,7 @@ const FLAGS = {
   adapters: "string",
   "cache-dir": "string",
   threads: "string",
+  spin: "boolean",
   "max-num-seqs": "string",
   "max-batched-tokens": "string",
   "max-waiting": "string",

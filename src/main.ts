@@ -40,6 +40,7 @@ async function start(config: Config) {
     modelDir: config.model,
     cacheDir: config.cacheDir,
     threads: config.threads,
+    spin: config.spin,
     inProcess: config.inProcess,
     weights: config.weights,
     quantBlockSize: config.quantBlockSize,

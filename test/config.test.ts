@@ -32,6 +32,7 @@ test("an empty command line and environment give the documented defaults", () =>
   assert.equal(config.maxLoraRank, 16);
   assert.equal(config.weights, "fp32");
   assert.equal(config.quantBlockSize, 32);
+  assert.equal(config.spin, false);
   assert.equal(config.threads, availableParallelism());
   assert.equal(config.logLevel, "info");
   assert.equal(config.logPrompts, false);
@@ -60,6 +61,7 @@ test("flags are parsed into typed values", () => {
     "int4",
     "--quant-block-size",
     "128",
+    "--spin",
   ]);
   assert.equal(config.port, 9000);
   assert.equal(config.maxNumSeqs, 4);
@@ -71,6 +73,7 @@ test("flags are parsed into typed values", () => {
   assert.equal(config.model, "/models/x");
   assert.equal(config.weights, "int4");
   assert.equal(config.quantBlockSize, 128);
+  assert.equal(config.spin, true);
 });
 
 test("TASKMUX_* environment variables set options and flags beat them", () => {

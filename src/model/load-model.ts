@@ -24,6 +24,8 @@ export interface LoadModelOptions {
   modelDir: string;
   cacheDir: string;
   threads: number;
+  /** Spin onnxruntime's threads within a step (SessionOptions.spin). */
+  spin?: boolean;
   pools: PoolCapacity;
   peft?: PeftLayout;
   /** How the graph stores and multiplies the base weights (default fp32; see GraphOptions.weights). */
@@ -73,6 +75,7 @@ export async function loadModel(options: LoadModelOptions): Promise<LoadedModel>
     peft,
     pools: options.pools,
     threads: options.threads,
+    spin: options.spin,
   };
   const started = performance.now();
   const { backend, device } = await startBackend(runnerOptions, options);
