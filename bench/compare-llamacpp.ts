@@ -7,7 +7,8 @@
  *            weight, head included); taskmux int4@128 (`--quant-block-size 128`: faster, less exact) vs the same Q4_0;
  *            taskmux fp32+spin (`--spin`: threads spin within a step) vs the same F32
  *   metrics  prefill of a 128-token prompt (1 sequence); batch-1 decode; aggregate decode with 8 and 32 concurrent
- *            sequences; each also as a fraction of the roofline it is bound by (bench/machine.ts)
+ *            sequences; each also as a fraction of the roofline it is bound by (bench/machine.ts, measured before
+ *            and after the run, the higher kept)
  *
  * node-llama-cpp is not a dependency of the project: the first run installs node-llama-cpp@3.22.1 and its
  * prebuilt `@node-llama-cpp/linux-x64` binary into bench/.llamacpp/ (`--omit=optional --ignore-scripts`: no
@@ -40,7 +41,7 @@ import type { ModelSpec } from "../src/model/model-spec.ts";
 import { TextTokenizer } from "../src/model/tokenizer.ts";
 import { convertToGguf, type GgufWeights } from "./gguf-writer.ts";
 import { aggregateDecode } from "./load.ts";
-import type { MachineLimits } from "./machine.ts";
+import { type MachineLimits, measureMachine, strongest } from "./machine.ts";
 import { type ServerHandle, startServer } from "./server-process.ts";
 
 const BENCH_DIR = fileURLToPath(new URL(".", import.meta.url));
@@ -561,7 +562,7 @@ const median = (xs: number[]) => {
 };
 
 export async function compareWithLlamaCpp(options: CompareOptions) {
-  const { modelDir, threads, machine, reps, promptTokens, gen, concurrencies } = options;
+  const { modelDir, threads, reps, promptTokens, gen, concurrencies } = options;
   ensureNodeLlamaCpp();
   const info = inspectCheckpoint(modelDir);
   const spec = info.spec;
@@ -650,6 +651,9 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
   } finally {
     for (const s of sides) await s.side.stop();
   }
+  log("measuring machine limits again");
+  const after = await measureMachine(threads);
+  const machine = strongest(options.machine, after);
 
   const rows = [];
   for (const pair of PAIRS) {
@@ -708,6 +712,10 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
     machine: {
       bandwidthGBs: machine.bandwidthBytesPerS / 1e9,
       gemmGflops: machine.gemmFlopsPerS / 1e9,
+      measured: [options.machine, after].map((m) => ({
+        bandwidthGBs: m.bandwidthBytesPerS / 1e9,
+        gemmGflops: m.gemmFlopsPerS / 1e9,
+      })),
     },
     bytesPerStep: Object.fromEntries(
       [...new Set(PAIRS.flatMap((p) => [p.ours, p.gguf]))].map((f) => [f, bytesPerStep(spec, f)]),
