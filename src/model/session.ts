@@ -39,6 +39,9 @@ export class SessionOutputs {
 }
 
 export class ModelSession {
+  /** The run in flight, which dispose waits for: releasing the native session under it is undefined. */
+  private running: Promise<unknown> | null = null;
+  private disposed = false;
   /** Tensors of each `defaults` object run has seen (made once: a Tensor wraps its array without copying). */
   private readonly defaultTensors = new WeakMap<object, Record<string, ort.Tensor>>();
 
@@ -76,11 +79,19 @@ export class ModelSession {
     outputs: readonly string[],
     defaults?: Readonly<Record<string, FeedValue>>,
   ): Promise<SessionOutputs> {
+    if (this.disposed) throw new Error("the onnxruntime session was disposed (the model is shutting down)");
     const tensors: Record<string, ort.Tensor> = defaults
       ? Object.create(this.tensorsOfDefaults(defaults))
       : {};
     for (const [name, value] of Object.entries(feeds)) tensors[name] = toTensor(value);
-    const result = await this.session.run(tensors, outputs as string[]);
+    const pending = this.session.run(tensors, outputs as string[]);
+    this.running = pending;
+    let result: Awaited<typeof pending>;
+    try {
+      result = await pending;
+    } finally {
+      if (this.running === pending) this.running = null;
+    }
     const values = new Map<string, unknown>();
     for (const name of outputs) values.set(name, result[name]!.data);
     return new SessionOutputs(values);
@@ -96,7 +107,11 @@ export class ModelSession {
     return tensors;
   }
 
+  /** Waits for a run in flight to end, then releases the session; later runs are refused. */
   async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    await this.running?.catch(() => {});
     await this.session.release();
   }
 }

@@ -66,4 +66,14 @@ describe("ModelSession", () => {
     assert.deepEqual(results[0], [5.5, -3.5], "blocking threads");
     assert.deepEqual(results[1], results[0], "spinning threads");
   });
+
+  test("dispose waits for the run in flight, and a run after it is refused without touching onnxruntime", async () => {
+    const session = await ModelSession.create(modelPath, { threads: 1 });
+    const feeds = { x: f32([1, 2], [2]), a: f32([0, 0], [2]), b: f32([2, 2], [2]), c: f32([1, 1], [2]) };
+    const pending = session.run(feeds, ["y"]);
+    await session.dispose();
+    assert.deepEqual(Array.from((await pending).float32("y")), [3, 5], "the run in flight completed");
+    await assert.rejects(session.run(feeds, ["y"]), /disposed/, "a run after dispose is refused");
+    await session.dispose();
+  });
 });
