@@ -22,6 +22,12 @@ export interface LoraPool {
 
 /** Rows are allocated in blocks of this many, so a batch that grows by one does not reallocate. */
 const ROW_BLOCK = 8;
+/**
+ * Steps in a row without any LoRA after which the copies are freed (seconds of serving at these step rates):
+ * a burst of LoRA traffic should not hold its peak memory for the life of the process, and re-making the
+ * copies for the next LoRA step costs about a step.
+ */
+export const LORA_ROWS_IDLE_STEPS = 512;
 
 interface ProjectionRows {
   /** the rank the rows hold (the pool's first `rank` columns) */
@@ -38,12 +44,20 @@ interface ProjectionRows {
 export class LoraRows {
   private capacity = 0;
   private readonly rows = new Map<Projection, ProjectionRows>();
+  private stepsWithoutLora = 0;
 
   constructor(private readonly spec: ModelSpec) {}
 
   /** Rows currently allocated (for tests and memory accounting). */
   get allocatedRows(): number {
     return this.capacity;
+  }
+
+  /** Count a step that used no LoRA; after LORA_ROWS_IDLE_STEPS of them the copies are freed. */
+  idleStep(): void {
+    if (this.capacity === 0 || ++this.stepsWithoutLora < LORA_ROWS_IDLE_STEPS) return;
+    this.capacity = 0;
+    this.rows.clear();
   }
 
   /**
@@ -60,6 +74,7 @@ export class LoraRows {
     into: Record<string, FeedValue>,
   ): void {
     const B = slots.length;
+    this.stepsWithoutLora = 0;
     this.ensureCapacity(B);
     const rows = this.rowsOf(m, rank);
     const { inDim, outDim } = projectionDims(this.spec, m);

@@ -216,6 +216,7 @@ export class PeftPools {
   feeds(used: Record<PoolKind, boolean>, loraSlots: ArrayLike<bigint> = []): Record<string, FeedValue> {
     const feeds: Record<string, FeedValue> = {};
     const D = this.spec.hiddenSize;
+    if (!used.lora) this.loraRows.idleStep();
     if (used.lora && this.lora.size) {
       const targeted = new Set<Projection>();
       for (let i = 0; i < loraSlots.length; i++) {

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { FULL_PEFT_LAYOUT, INPUT, moduleKey, projectionDims } from "../../src/model/contract.ts";
+import { LORA_ROWS_IDLE_STEPS } from "../../src/model/lora-rows.ts";
 import { PeftPools } from "../../src/model/peft-pools.ts";
 import { makeRandomModel } from "../helpers/random-model.ts";
 
@@ -175,5 +176,29 @@ test("a step feeds only what it changes; the defaults hold every pool input at i
       pools.defaults[name]!.data.every((v) => v === 1),
       `${name} defaults to all-ones scales`,
     );
+  }
+});
+
+test("the row copies are freed after a long run of steps without LoRA, and remade on the next LoRA step", () => {
+  const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
+  pools.writeSlot("lora", 1, lora(["q_proj"]));
+  const before = fed(pools, BigInt64Array.of(1n, 1n));
+  const none = { lora: false, ia3: false, bottleneck: false };
+  for (let i = 0; i < LORA_ROWS_IDLE_STEPS - 1; i++) pools.feeds(none, BigInt64Array.of(0n));
+  assert.ok(pools.loraRowsAllocated > 0, "kept through idle steps short of the limit");
+  fed(pools, BigInt64Array.of(1n));
+  for (let i = 0; i < LORA_ROWS_IDLE_STEPS - 1; i++) pools.feeds(none, BigInt64Array.of(0n));
+  assert.ok(pools.loraRowsAllocated > 0, "a LoRA step restarts the count");
+  pools.feeds(none, BigInt64Array.of(0n));
+  assert.equal(pools.loraRowsAllocated, 0, "freed after the limit");
+  const after = fed(pools, BigInt64Array.of(1n, 1n));
+  for (let l = 0; l < spec.numLayers; l++) {
+    for (const row of [0, 1]) {
+      assert.deepEqual(
+        rowA(after, l, "q_proj", row),
+        rowA(before, l, "q_proj", row),
+        `layer ${l} row ${row}`,
+      );
+    }
   }
 });
