@@ -16,7 +16,7 @@
  */
 import { closeSync, openSync, readFileSync, writeSync } from "node:fs";
 import { join } from "node:path";
-import { float16Bits } from "../src/model/builder/quantize.ts";
+import { float16Bits, float16ToFloat32 } from "../src/model/builder/quantize.ts";
 import { loadCheckpoint } from "../src/model/checkpoint.ts";
 
 export const GgufValueType = {
@@ -259,7 +259,7 @@ export function dequantizeQ4_0(blocks: Uint8Array, count: number): Float32Array 
   const view = new DataView(blocks.buffer, blocks.byteOffset, blocks.byteLength);
   for (let i = 0; i < count / QK4_0; i++) {
     const o = i * Q4_0_BLOCK_BYTES;
-    const d = halfToFloat(view.getUint16(o, true));
+    const d = float16ToFloat32(view.getUint16(o, true));
     for (let j = 0; j < QK4_0 / 2; j++) {
       const b = blocks[o + 2 + j]!;
       out[i * QK4_0 + j] = ((b & 0x0f) - 8) * d;
@@ -267,15 +267,6 @@ export function dequantizeQ4_0(blocks: Uint8Array, count: number): Float32Array 
     }
   }
   return out;
-}
-
-function halfToFloat(h: number): number {
-  const sign = h & 0x8000 ? -1 : 1;
-  const exp = (h >> 10) & 0x1f;
-  const mant = h & 0x3ff;
-  if (exp === 0) return sign * mant * 2 ** -24;
-  if (exp === 0x1f) return mant ? Number.NaN : sign * Number.POSITIVE_INFINITY;
-  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
 }
 
 /** HF rotate-half q/k rows -> llama.cpp's interleaved-pair rows, per head: new row 2i+j <- old row j*half+i. */
