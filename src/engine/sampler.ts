@@ -157,7 +157,7 @@ function nucleus(probs: Float64Array, topP: number): Float64Array {
     if (cut < 0) cut = sorted.length - 1;
   }
   const threshold = sorted[cut]!;
-  let equalToKeep = cut + 1 - sorted.findIndex((v) => v === threshold);
+  let equalToKeep = cut + 1 - sorted.indexOf(threshold);
   for (let i = 0; i < probs.length; i++) {
     if (probs[i]! > threshold) continue;
     if (probs[i] === threshold && equalToKeep > 0) equalToKeep--;

@@ -7,7 +7,6 @@ import { makeRandomModel } from "../helpers/random-model.ts";
 
 const { spec } = makeRandomModel({}, 1);
 const CAPACITY = { loraSlots: 3, maxLoraRank: 4, ia3Slots: 2, bottleneckSlots: 2, maxBottleneckSize: 4 };
-const rows = (CAPACITY.loraSlots + 1) * spec.numLayers;
 
 /** A rank-2 LoRA with weights on `targets` in every layer. */
 function lora(targets: ("q_proj" | "v_proj" | "down_proj")[]) {
