@@ -5,7 +5,8 @@
  *
  *   npm run bench -- [--concurrency 1,8,32] [--prompt-tokens 128] [--max-tokens 128] [--threads N]
  *                    [--preset smollm2-135m] [--requests-per-client 2]
- *   npm run bench -- --compare-llamacpp [--reps 3] [--threads N]   (taskmux vs node-llama-cpp: bench/compare-llamacpp.ts)
+ *   npm run bench -- --compare-llamacpp [--reps 3] [--threads N] [--pairs fp32,int4,...]
+ *                                                                  (taskmux vs node-llama-cpp: bench/compare-llamacpp.ts)
  */
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
@@ -32,6 +33,7 @@ const { values } = parseArgs({
     threads: { type: "string", default: String(availableParallelism()) },
     "compare-llamacpp": { type: "boolean", default: false },
     reps: { type: "string", default: "3" },
+    pairs: { type: "string" },
   },
 });
 
@@ -83,6 +85,7 @@ async function main() {
       promptTokens,
       gen: maxTokens,
       concurrencies: concurrencies.filter((c) => c > 1),
+      pairs: values.pairs?.split(","),
       maxForeign: 0.25,
       outDir: join(BENCH_DIR, "results"),
     });

@@ -5,7 +5,9 @@
  *
  *   pairs    taskmux fp32 vs GGUF F32; taskmux int4 (MatMulNBits, blocks of 32 like Q4_0's) vs GGUF Q4_0 (every 2-D
  *            weight, head included); taskmux int4@128 (`--quant-block-size 128`: faster, less exact) vs the same Q4_0;
- *            taskmux fp32+spin (`--spin`: threads spin within a step) vs the same F32
+ *            taskmux fp32+spin (`--spin`: threads spin within a step) vs the same F32; fp32+nopeft (`--peft none`:
+ *            no PEFT paths in the graph, the base model alone as llama.cpp runs it) and fp32+nopeft+spin vs F32
+ *            (`--pairs a,b` runs a subset)
  *   metrics  prefill of a 128-token prompt (1 sequence); batch-1 decode; aggregate decode with 8 and 32 concurrent
  *            sequences; each also as a fraction of the roofline it is bound by (bench/machine.ts, measured before
  *            and after the run, the higher kept)
@@ -223,23 +225,17 @@ class TaskmuxSide {
     readonly vocab: number,
   ) {}
 
-  static async start(
-    modelDir: string,
-    weights: string,
-    threads: number,
-    vocab: number,
-    quantBlockSize?: number,
-    spin = false,
-  ): Promise<TaskmuxSide> {
+  static async start(modelDir: string, threads: number, vocab: number, pair: Pair): Promise<TaskmuxSide> {
     const server = await startServer([
-      ...(quantBlockSize ? ["--quant-block-size", String(quantBlockSize)] : []),
-      ...(spin ? ["--spin"] : []),
+      ...("quantBlockSize" in pair ? ["--quant-block-size", String(pair.quantBlockSize)] : []),
+      ...("spin" in pair && pair.spin ? ["--spin"] : []),
+      ...("peftNone" in pair && pair.peftNone ? ["--peft", "none"] : []),
       "--model",
       modelDir,
       "--threads",
       String(threads),
       "--weights",
-      weights,
+      pair.weights,
       "--max-num-seqs",
       "32",
       "--max-batched-tokens",
@@ -484,15 +480,22 @@ export interface CompareOptions {
   promptTokens: number;
   gen: number;
   concurrencies: number[];
+  /** The taskmux sides to run, by label (default: every pair of PAIRS). */
+  pairs?: string[];
   /** Repetitions during which other processes used more cores than this are flagged as contended. */
   maxForeign: number;
   outDir: string;
 }
 
-/** `ours` labels the taskmux side: its --weights, @B for a non-default --quant-block-size B, +spin for --spin. */
-const PAIRS = [
+/**
+ * `ours` labels the taskmux side: its --weights, @B for a non-default --quant-block-size B, +spin for --spin,
+ * +nopeft for `--peft none` (no PEFT paths in the graph: what llama.cpp runs, a base model alone).
+ */
+export const PAIRS = [
   { ours: "fp32", weights: "fp32", gguf: "F32" },
   { ours: "fp32+spin", weights: "fp32", spin: true, gguf: "F32" },
+  { ours: "fp32+nopeft", weights: "fp32", peftNone: true, gguf: "F32" },
+  { ours: "fp32+nopeft+spin", weights: "fp32", peftNone: true, spin: true, gguf: "F32" },
   { ours: "int4", weights: "int4", gguf: "Q4_0" },
   { ours: "int4@128", weights: "int4", quantBlockSize: 128, gguf: "Q4_0" },
 ] as const satisfies readonly {
@@ -500,8 +503,11 @@ const PAIRS = [
   weights: string;
   quantBlockSize?: QuantBlockSize;
   spin?: boolean;
+  peftNone?: boolean;
   gguf: GgufWeights;
 }[];
+
+type Pair = (typeof PAIRS)[number];
 
 type Metric = "prefill" | `decode${number}`;
 
@@ -513,7 +519,7 @@ interface Sample {
 
 /** Weight bytes one forward pass streams (every matmul weight once; the embedding Gather reads only rows). */
 function bytesPerStep(spec: ModelSpec, label: string): number {
-  const [format, block] = label.replace("+spin", "").split("@");
+  const [format, block] = label.split("+")[0]!.split("@");
   const blockSize = block ? Number(block) : QUANT_BLOCK_SIZE;
   const d = spec.hiddenSize;
   const q = spec.numHeads * spec.headDim;
@@ -568,6 +574,12 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
   const spec = info.spec;
   const params = matmulParams(spec);
   const metrics: Metric[] = ["prefill", "decode1", ...concurrencies.map((c) => `decode${c}` as Metric)];
+  const pairs: readonly Pair[] = options.pairs ? PAIRS.filter((p) => options.pairs!.includes(p.ours)) : PAIRS;
+  const unknown = options.pairs?.filter((label) => !PAIRS.some((p) => p.ours === label)) ?? [];
+  if (unknown.length > 0 || pairs.length === 0)
+    throw new Error(
+      `--pairs takes labels among ${PAIRS.map((p) => p.ours).join(", ")}; got ${unknown.join(", ")}`,
+    );
   const samples = new Map<string, Sample[]>();
   const sample = (key: string) => {
     let list = samples.get(key);
@@ -582,14 +594,12 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
   const sides: { label: string; side: TaskmuxSide | LlamaCppSide }[] = [];
   const sideOf = (label: string) => sides.find((s) => s.label === label)!.side;
   try {
-    for (const pair of PAIRS) {
+    for (const pair of pairs) {
       const gguf = ensureGguf(modelDir, pair.gguf);
-      const block = "quantBlockSize" in pair ? pair.quantBlockSize : undefined;
-      const spin = "spin" in pair && pair.spin;
       log(`starting taskmux ${pair.ours}`);
       sides.push({
         label: `taskmux ${pair.ours}`,
-        side: await TaskmuxSide.start(modelDir, pair.weights, threads, spec.vocabSize, block, spin),
+        side: await TaskmuxSide.start(modelDir, threads, spec.vocabSize, pair),
       });
       if (sides.some((s) => s.label === `llama.cpp ${pair.gguf}`)) continue;
       log(`starting node-llama-cpp ${pair.gguf}`);
@@ -606,7 +616,7 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
       return bytes ? utf8.decode(bytes) : tokenizer.tokenString(id);
     };
     // Numerics: the same greedy steps on both sides of each pair (llama.cpp with an F32 cache, no flash attention).
-    for (const pair of PAIRS) {
+    for (const pair of pairs) {
       const ours = await (sideOf(`taskmux ${pair.ours}`) as TaskmuxSide).greedy(promptTokens, 16);
       const theirs = await (sideOf(`llama.cpp ${pair.gguf}`) as LlamaCppSide).greedy(promptTokens, 16);
       const diffs = theirs.logprobs.map((lp, i) => Math.abs(lp - (ours.logprobs[i] ?? Number.NaN)));
@@ -656,7 +666,7 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
   const machine = strongest(options.machine, after);
 
   const rows = [];
-  for (const pair of PAIRS) {
+  for (const pair of pairs) {
     for (const metric of metrics) {
       const stat = (label: string) => {
         const all = samples.get(`${label}|${metric}`) ?? [];
@@ -718,9 +728,9 @@ export async function compareWithLlamaCpp(options: CompareOptions) {
       })),
     },
     bytesPerStep: Object.fromEntries(
-      [...new Set(PAIRS.flatMap((p) => [p.ours, p.gguf]))].map((f) => [f, bytesPerStep(spec, f)]),
+      [...new Set(pairs.flatMap((p) => [p.ours, p.gguf]))].map((f) => [f, bytesPerStep(spec, f)]),
     ),
-    ggufBytes: Object.fromEntries(PAIRS.map((p) => [p.gguf, statSync(ensureGguf(modelDir, p.gguf)).size])),
+    ggufBytes: Object.fromEntries(pairs.map((p) => [p.gguf, statSync(ensureGguf(modelDir, p.gguf)).size])),
     maxForeignCores: options.maxForeign,
     numerics,
     rows,

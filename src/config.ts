@@ -8,6 +8,9 @@ const REPO_ROOT = resolve(import.meta.dirname, "..");
 
 const positiveInt = z.coerce.number().int().positive();
 
+/** What --peft may name (model/contract.ts AdapterPoolKind). */
+const PEFT_KINDS = ["lora", "ia3", "bottleneck"] as const;
+
 export const configSchema = z
   .object({
     model: z
@@ -59,6 +62,31 @@ export const configSchema = z
           .filter((h) => h !== ""),
       ),
     adapterUrlMaxMb: z.coerce.number().positive().default(512),
+    /**
+     * The PEFT kinds the graph carries paths for: a comma-separated list of lora, ia3, bottleneck, or none.
+     * A kind left out costs nothing per step (none: ~10-15% faster batch-1 decode, docs/weight-formats.md) and its
+     * adapters are refused; soft prompts and prefix tuning need no PEFT paths.
+     */
+    peft: z
+      .string()
+      .default(PEFT_KINDS.join(","))
+      .transform((text, ctx) => {
+        const words = text
+          .split(",")
+          .map((w) => w.trim().toLowerCase())
+          .filter((w) => w !== "");
+        if (words.length === 1 && words[0] === "none") return [];
+        const unknown = words.filter((w) => !(PEFT_KINDS as readonly string[]).includes(w));
+        if (words.length === 0 || unknown.length > 0) {
+          ctx.issues.push({
+            code: "custom",
+            input: text,
+            message: `expected a comma-separated list of ${PEFT_KINDS.join(", ")}, or none; got ${JSON.stringify(text)}`,
+          });
+          return z.NEVER;
+        }
+        return PEFT_KINDS.filter((k) => words.includes(k));
+      }),
     /** How the graph stores and multiplies the base weights (model/builder/quantize.ts WEIGHT_FORMATS). */
     weights: z.enum(["fp32", "fp16", "int8", "int4"]).default("fp32"),
     /** int8/int4: values per quantisation block (a power of two from 16 to 256; larger is faster, less exact). */
@@ -112,6 +140,7 @@ const FLAGS = {
   "log-prompts": "boolean",
   "log-level": "string",
   "in-process": "boolean",
+  peft: "string",
   weights: "string",
   "quant-block-size": "string",
   device: "string",

@@ -17,6 +17,7 @@ import { adminRoutes } from "./http/admin.ts";
 import { createApp } from "./http/app.ts";
 import { installClientErrorHandler } from "./http/client-errors.ts";
 import { configureLogging, createLogger } from "./log.ts";
+import { peftLayoutOf } from "./model/contract.ts";
 import { loadModel } from "./model/load-model.ts";
 import { makeModel } from "./model/maker/make-model.ts";
 
@@ -44,6 +45,7 @@ async function start(config: Config) {
     inProcess: config.inProcess,
     weights: config.weights,
     quantBlockSize: config.quantBlockSize,
+    peft: peftLayoutOf(config.peft),
     device: config.device,
     pools: {
       loraSlots: config.maxResidentAdapters,
@@ -64,6 +66,7 @@ async function start(config: Config) {
     context: spec.maxPositionEmbeddings,
     storedDtype: model.report.storedDtypes.join(",") || "cached",
     weights: model.report.weights,
+    peft: config.peft.join(",") || "none",
     quantBlockSize: model.report.weights.startsWith("int") ? config.quantBlockSize : undefined,
     device: model.report.device,
     threads: config.threads,
@@ -92,6 +95,7 @@ async function start(config: Config) {
     roots: [config.promptTables, config.adapters],
     maxLoraRank: config.maxLoraRank,
     maxBottleneckSize: config.maxBottleneckSize,
+    peftKinds: config.peft,
     maxHostAdapters: config.maxHostAdapters,
   });
   const residency = new AdapterResidency(model.backend, {

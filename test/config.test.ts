@@ -62,6 +62,8 @@ test("flags are parsed into typed values", () => {
     "--quant-block-size",
     "128",
     "--spin",
+    "--peft",
+    " IA3,lora ",
   ]);
   assert.equal(config.port, 9000);
   assert.equal(config.maxNumSeqs, 4);
@@ -74,6 +76,9 @@ test("flags are parsed into typed values", () => {
   assert.equal(config.weights, "int4");
   assert.equal(config.quantBlockSize, 128);
   assert.equal(config.spin, true);
+  assert.deepEqual(config.peft, ["lora", "ia3"], "kinds in canonical order, case and spaces ignored");
+  assert.deepEqual(parse(["--peft", "none"]).peft, []);
+  assert.deepEqual(parse([]).peft, ["lora", "ia3", "bottleneck"]);
 });
 
 test("TASKMUX_* environment variables set options and flags beat them", () => {
@@ -159,6 +164,9 @@ test("invalid values are ConfigErrors naming the flag", () => {
     { argv: ["--body-limit-mb", "-1"], flag: "--body-limit-mb" },
     { argv: ["--max-lora-rank", "1024"], flag: "--max-lora-rank" },
     { argv: ["--quant-block-size", "48"], flag: "--quant-block-size" },
+    { argv: ["--peft", "lora,prefix"], flag: "--peft" },
+    { argv: ["--peft", "none,lora"], flag: "--peft" },
+    { argv: ["--peft", ","], flag: "--peft" },
   ];
   for (const c of cases) assertConfigError(c.argv, c.env ?? {}, c.flag);
 });

@@ -13,7 +13,7 @@ import { LRUCache } from "lru-cache";
 import { TaskmuxError } from "../errors.ts";
 import { createLogger } from "../log.ts";
 import type { ModelSpec } from "../model/model-spec.ts";
-import { loadTaskFolder, type TaskParts } from "./formats/task-folder.ts";
+import { loadTaskFolder, type TaskLimits, type TaskParts } from "./formats/task-folder.ts";
 import type { TaskRef, TaskRegistry } from "./registry.ts";
 
 const log = createLogger({ module: "task-store" });
@@ -53,10 +53,8 @@ const outsideRoots = (path: string) =>
     param: "path",
   });
 
-export interface TaskStoreOptions {
+export interface TaskStoreOptions extends TaskLimits {
   roots: string[];
-  maxLoraRank: number;
-  maxBottleneckSize: number;
   /** Tasks whose weights stay in host memory; beyond it the least recently used are offloaded (0 = no limit). */
   maxHostAdapters?: number;
 }

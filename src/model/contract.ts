@@ -208,6 +208,17 @@ export interface StepResult {
 
 export type AdapterPoolKind = "lora" | "ia3" | "bottleneck";
 
+export const ADAPTER_POOL_KINDS: readonly AdapterPoolKind[] = ["lora", "ia3", "bottleneck"];
+
+/** The graph layout for the PEFT kinds a server serves: every projection for LoRA and IA3 when on. */
+export function peftLayoutOf(kinds: readonly AdapterPoolKind[]): PeftLayout {
+  return {
+    loraTargets: kinds.includes("lora") ? [...PROJECTIONS] : [],
+    ia3Targets: kinds.includes("ia3") ? [...PROJECTIONS] : [],
+    bottleneck: kinds.includes("bottleneck"),
+  };
+}
+
 /** The compute seam the engine drives: in-process (tests) or in the model worker thread (server). */
 export interface ModelBackend {
   forward(batch: StepBatch): Promise<StepResult>;

@@ -197,3 +197,44 @@ describe("the server end to end (default preset, worker thread)", () => {
     assert.equal(await metric(server.baseUrl, "vllm:num_requests_running"), 0);
   });
 });
+
+describe("a --peft none server (no PEFT paths in the graph)", () => {
+  let server: ServerHandle;
+
+  before(async () => {
+    server = await startServer(
+      [
+        "--model",
+        madeModelDir("default", 0),
+        "--cache-dir",
+        TEST_CACHE_DIR,
+        "--prompt-tables",
+        `${REPO}prompt-tables`,
+        "--adapters",
+        `${REPO}adapters`,
+        "--peft",
+        "none",
+      ],
+      { readyTimeoutMs: 120_000 },
+    );
+  });
+  after(async () => {
+    await server?.stop();
+  });
+
+  test("serves the base and soft-prompt tasks, and names --peft when a LoRA task is asked for", async () => {
+    const chat = (task: string | null) =>
+      fetch(`${server.baseUrl}/v1/chat/completions`, {
+        method: "POST",
+        headers: { "content-type": "application/json", ...(task ? { "x-task": task } : {}) },
+        body: JSON.stringify({ messages: [{ role: "user", content: "Hi" }], max_tokens: 4, temperature: 0 }),
+      });
+    assert.equal((await chat(null)).status, 200);
+    assert.equal((await chat("ptune-mlp")).status, 200, "p-tuning needs no PEFT paths");
+    const refused = await chat("lora-demo");
+    assert.equal(refused.status, 422);
+    const body = (await refused.json()) as { error: { type: string; message: string } };
+    assert.equal(body.error.type, "adapter_incompatible");
+    assert.match(body.error.message, /LORA adapters need the lora paths.*--peft none/);
+  });
+});

@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 import { argmax } from "../../src/engine/sampler.ts";
 import { buildStep, type StepWork } from "../../src/engine/step-builder.ts";
+import { FULL_PEFT_LAYOUT, peftLayoutOf } from "../../src/model/contract.ts";
 import type { ModelSpec } from "../../src/model/model-spec.ts";
 import { referenceForward } from "../../src/model/reference.ts";
 import { logitsOf } from "../../src/model/runner.ts";
@@ -49,66 +50,72 @@ const CONFIGS: { name: string; spec: Partial<ModelSpec> }[] = [
 const blank = { loraSlot: 0, ia3Slot: 0, bottleneckSlot: 0 };
 
 describe("graph logits equal the plain-TypeScript reference", () => {
-  for (const config of CONFIGS) {
-    test(`${config.name}: batched prefill + 8 decode steps within ${TOLERANCE}`, async (t) => {
-      const { spec, weights } = makeRandomModel(config.spec, 11, { std: 0.08 });
-      const runner = await runnerFor(spec, weights);
-      const prompts = [
-        [3, 17, 5, 9, 40, 2, 33],
-        [8, 1, 60],
-      ];
-      let worst = 0;
-      // Prefill both prompts in one step, all positions' logits.
-      const works: StepWork[] = prompts.map((tokens, i) => ({
-        seqId: i + 1,
-        tokens,
-        pastLength: 0,
-        logits: "all",
-        ...blank,
-      }));
-      const built = buildStep(works, spec.vocabSize, spec.hiddenSize);
-      const result = await runner.forward(built.batch);
-      const V = spec.vocabSize;
-      const sequences = prompts.map((p) => [...p]);
-      built.owners.forEach((owner, r) => {
-        const ref = referenceForward(spec, weights, { tokens: prompts[owner.work]! });
-        const err = relativeError(
-          logitsOf(result).subarray(r * V, (r + 1) * V),
-          ref.subarray(owner.token * V, (owner.token + 1) * V),
-        );
-        worst = Math.max(worst, err);
-      });
-      for (let s = 0; s < 2; s++) {
-        const lastRow = built.owners.findLastIndex((o) => o.work === s);
-        sequences[s]!.push(argmax(logitsOf(result).subarray(lastRow * V, (lastRow + 1) * V)));
-      }
-      for (let step = 0; step < 8; step++) {
-        const decode = buildStep(
-          sequences.map((seq, i) => ({
-            seqId: i + 1,
-            tokens: [seq.at(-1)!],
-            pastLength: seq.length - 1,
-            logits: "last" as const,
-            ...blank,
-          })),
-          spec.vocabSize,
-          spec.hiddenSize,
-        );
-        const out = await runner.forward(decode.batch);
-        sequences.forEach((seq, i) => {
-          const ref = referenceForward(spec, weights, { tokens: seq });
-          const row = logitsOf(out).subarray(i * V, (i + 1) * V);
-          worst = Math.max(worst, relativeError(row, ref.subarray((seq.length - 1) * V, seq.length * V)));
-          assert.equal(out.greedyTokens[i], argmax(row), "greedy_token is the argmax of the row");
-          assert.equal(out.finiteRows[i], 1, "a finite row is reported finite");
-          seq.push(argmax(row));
+  // --peft none builds the decoder without the If and the PEFT inputs: the same numbers must come out.
+  const layouts = [
+    { label: "", peft: FULL_PEFT_LAYOUT },
+    { label: " (--peft none)", peft: peftLayoutOf([]) },
+  ];
+  for (const config of CONFIGS)
+    for (const layout of layouts) {
+      test(`${config.name}${layout.label}: batched prefill + 8 decode steps within ${TOLERANCE}`, async (t) => {
+        const { spec, weights } = makeRandomModel(config.spec, 11, { std: 0.08 });
+        const runner = await runnerFor(spec, weights, { peft: layout.peft });
+        const prompts = [
+          [3, 17, 5, 9, 40, 2, 33],
+          [8, 1, 60],
+        ];
+        let worst = 0;
+        // Prefill both prompts in one step, all positions' logits.
+        const works: StepWork[] = prompts.map((tokens, i) => ({
+          seqId: i + 1,
+          tokens,
+          pastLength: 0,
+          logits: "all",
+          ...blank,
+        }));
+        const built = buildStep(works, spec.vocabSize, spec.hiddenSize);
+        const result = await runner.forward(built.batch);
+        const V = spec.vocabSize;
+        const sequences = prompts.map((p) => [...p]);
+        built.owners.forEach((owner, r) => {
+          const ref = referenceForward(spec, weights, { tokens: prompts[owner.work]! });
+          const err = relativeError(
+            logitsOf(result).subarray(r * V, (r + 1) * V),
+            ref.subarray(owner.token * V, (owner.token + 1) * V),
+          );
+          worst = Math.max(worst, err);
         });
-      }
-      t.diagnostic(`largest relative error ${worst.toExponential(2)}`);
-      assert.ok(worst < TOLERANCE, `relative error ${worst} exceeds ${TOLERANCE}`);
-      await runner.dispose();
-    });
-  }
+        for (let s = 0; s < 2; s++) {
+          const lastRow = built.owners.findLastIndex((o) => o.work === s);
+          sequences[s]!.push(argmax(logitsOf(result).subarray(lastRow * V, (lastRow + 1) * V)));
+        }
+        for (let step = 0; step < 8; step++) {
+          const decode = buildStep(
+            sequences.map((seq, i) => ({
+              seqId: i + 1,
+              tokens: [seq.at(-1)!],
+              pastLength: seq.length - 1,
+              logits: "last" as const,
+              ...blank,
+            })),
+            spec.vocabSize,
+            spec.hiddenSize,
+          );
+          const out = await runner.forward(decode.batch);
+          sequences.forEach((seq, i) => {
+            const ref = referenceForward(spec, weights, { tokens: seq });
+            const row = logitsOf(out).subarray(i * V, (i + 1) * V);
+            worst = Math.max(worst, relativeError(row, ref.subarray((seq.length - 1) * V, seq.length * V)));
+            assert.equal(out.greedyTokens[i], argmax(row), "greedy_token is the argmax of the row");
+            assert.equal(out.finiteRows[i], 1, "a finite row is reported finite");
+            seq.push(argmax(row));
+          });
+        }
+        t.diagnostic(`largest relative error ${worst.toExponential(2)}`);
+        assert.ok(worst < TOLERANCE, `relative error ${worst} exceeds ${TOLERANCE}`);
+        await runner.dispose();
+      });
+    }
 
   test("a step whose rows only need their greedy token fetches no logits and returns the same tokens", async () => {
     const { spec, weights } = makeRandomModel(CONFIGS[1]!.spec, 5, { std: 0.08 });

@@ -10,7 +10,7 @@
  */
 import { existsSync, statSync } from "node:fs";
 import { basename, join, resolve } from "node:path";
-import type { BottleneckModuleWeights, LoraModuleWeights } from "../../model/contract.ts";
+import type { AdapterPoolKind, BottleneckModuleWeights, LoraModuleWeights } from "../../model/contract.ts";
 import type { ModelSpec } from "../../model/model-spec.ts";
 import { loadBottleneck, parseBottleneckConfig } from "./bottleneck.ts";
 import { incompatible, loadFailed, readJsonFile } from "./format-shared.ts";
@@ -29,6 +29,8 @@ export const SOFT_PROMPT_FILE = "soft_prompt.safetensors";
 export interface TaskLimits {
   maxLoraRank: number;
   maxBottleneckSize: number;
+  /** The PEFT kinds the graph was built with (--peft); adapters of another kind are refused. Default: all. */
+  peftKinds?: readonly AdapterPoolKind[];
 }
 
 export interface TaskParts {
@@ -73,7 +75,16 @@ function loadAdapter(
       );
     throw loadFailed(dir, `${ADAPTER_CONFIG_FILE} is there but ${ADAPTER_WEIGHTS_FILE} is missing`);
   }
+  const served = (kind: AdapterPoolKind) => {
+    const kinds = limits.peftKinds;
+    if (kinds && !kinds.includes(kind))
+      throw incompatible(
+        configFile,
+        `${parts.peftType} adapters need the ${kind} paths, which this server's graph was built without (--peft ${kinds.join(",") || "none"}); start it with --peft including ${kind}`,
+      );
+  };
   if (peftType === BOTTLENECK_PEFT_TYPE) {
+    served("bottleneck");
     const config = parseBottleneckConfig(json, configFile, limits.maxBottleneckSize);
     parts.bottleneck = loadBottleneck(read(ADAPTER_WEIGHTS_FILE), config, spec);
     return;
@@ -82,9 +93,11 @@ function loadAdapter(
   const weights = read(ADAPTER_WEIGHTS_FILE);
   switch (config.peftType) {
     case "LORA":
+      served("lora");
       parts.lora = loadLora(weights, config, spec, limits.maxLoraRank);
       break;
     case "IA3":
+      served("ia3");
       parts.ia3 = loadIa3(weights, config, spec);
       break;
     case "PROMPT_TUNING":

@@ -246,5 +246,31 @@ describe("task folders", () => {
         "adapter_incompatible",
         /maximum LoRA rank 1/,
       ));
+    test("an adapter kind the graph was built without (--peft), while soft prompts still load", () => {
+      const lora = writeFolder(root, "lora-off", {
+        "adapter_config.json": loraConfig,
+        "adapter_model.safetensors": loraWeights(),
+      });
+      assertRejects(
+        () => loadTaskFolder(lora, spec, { ...limits, peftKinds: ["ia3", "bottleneck"] }),
+        "adapter_incompatible",
+        /lora-off[/\\]adapter_config\.json: LORA adapters need the lora paths/,
+        /--peft ia3,bottleneck/,
+      );
+      assertRejects(
+        () => loadTaskFolder(lora, spec, { ...limits, peftKinds: [] }),
+        "adapter_incompatible",
+        /--peft none\); start it with --peft including lora/,
+      );
+      assert.equal(loadTaskFolder(lora, spec, { ...limits, peftKinds: ["lora"] }).lora!.rank, 2);
+      const prompt = writeFolder(root, "prompt-on", {
+        "adapter_config.json": { peft_type: "PROMPT_TUNING", num_virtual_tokens: 3, token_dim: 8 },
+        "adapter_model.safetensors": softPrompt(3),
+      });
+      assert.equal(
+        loadTaskFolder(prompt, spec, { ...limits, peftKinds: [] }).softPrompt!.numVirtualTokens,
+        3,
+      );
+    });
   });
 });
