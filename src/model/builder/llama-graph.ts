@@ -535,8 +535,8 @@ class LlamaGraph {
     const kvh = spec.numKvHeads;
     const hs = spec.headDim;
     const group = spec.numHeads / kvh;
-    const perKvHead = (x: string) =>
-      g.op1("Transpose", [g.op1("Reshape", [x, g.int64([0, 0, kvh, hs])])], { perm: [0, 2, 1, 3] });
+    // [B, 1, KVH*HS] -> [B, KVH, 1, HS]: with one token a row, moving the token axis is only a Reshape.
+    const perKvHead = (x: string) => g.op1("Reshape", [x, g.int64([0, kvh, 1, hs])]);
     // [B, 1, NH*HS] -> [B, KVH, G, HS]: query head h reads KV head floor(h / G).
     const qh = g.op1("Reshape", [q, g.int64([0, kvh, group, hs])]);
     const scores = (keys: string) =>
