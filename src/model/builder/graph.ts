@@ -12,6 +12,17 @@ import {
 
 const WEIGHT_ALIGNMENT = 64;
 
+/** Point every node input named `from` at `to`, in If branches too (they read outer values by name). */
+function renameUses(nodes: NodeSpec[], from: string, to: string): void {
+  for (const node of nodes) {
+    node.inputs = node.inputs.map((i) => (i === from ? to : i));
+    for (const attr of Object.values(node.attributes ?? {})) {
+      if (typeof attr === "object" && attr !== null && "graph" in attr)
+        renameUses(attr.graph.nodes, from, to);
+    }
+  }
+}
+
 interface PendingWeight {
   data: Uint8Array;
   offset: number;
@@ -26,6 +37,8 @@ export class GraphBuilder {
   private weightBytes = 0;
   private counter = 0;
   private readonly constants = new Map<string, string>();
+  /** Values `output` renamed to a graph output name: old name -> new. */
+  private readonly renamed = new Map<string, string>();
 
   constructor(private readonly weightsFileName: string) {}
 
@@ -45,7 +58,7 @@ export class GraphBuilder {
         : options.outputs;
     this.nodes.push({
       opType,
-      inputs,
+      inputs: inputs.map((i) => this.renamed.get(i) ?? i),
       outputs,
       name: `${opType}_${id}`,
       domain: options.domain,
@@ -64,8 +77,20 @@ export class GraphBuilder {
     return name;
   }
 
+  /**
+   * Declare a graph output. The node that makes `source` writes it under `name` itself where it can, since an
+   * Identity copies its input every run (60 new K/V tensors a decode step, R x vocab logits); every use of
+   * `source`, in subgraphs and in nodes added later, follows the rename.
+   */
   output(name: string, source: string, dataType: DataTypeCode, dims: (number | string)[]): void {
-    this.op("Identity", [source], { outputs: [name] });
+    const producer = this.nodes.find((n) => n.outputs.includes(source));
+    if (producer && !this.inputs.some((i) => i.name === source)) {
+      producer.outputs = producer.outputs.map((o) => (o === source ? name : o));
+      renameUses(this.nodes, source, name);
+      this.renamed.set(source, name);
+    } else {
+      this.op("Identity", [this.renamed.get(source) ?? source], { outputs: [name] });
+    }
     this.outputs.push({ name, dataType, dims });
   }
 
