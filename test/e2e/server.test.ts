@@ -19,26 +19,30 @@ async function metric(baseUrl: string, name: string): Promise<number> {
   return Number(line?.split(" ").at(-1) ?? Number.NaN);
 }
 
+/** The real server on the embedded default's shape (so the repository's example tasks fit it) and both task roots. */
+function startRepoServer(extraArgs: string[] = []): Promise<ServerHandle> {
+  return startServer(
+    [
+      "--model",
+      madeModelDir("default", 0),
+      "--cache-dir",
+      TEST_CACHE_DIR,
+      "--prompt-tables",
+      `${REPO}prompt-tables`,
+      "--adapters",
+      `${REPO}adapters`,
+      ...extraArgs,
+    ],
+    { readyTimeoutMs: 120_000 },
+  );
+}
+
 describe("the server end to end (default preset, worker thread)", () => {
   let server: ServerHandle;
   let client: OpenAI;
 
   before(async () => {
-    // The embedded default's shape, so the repository's example tasks fit it.
-    const model = madeModelDir("default", 0);
-    server = await startServer(
-      [
-        "--model",
-        model,
-        "--cache-dir",
-        TEST_CACHE_DIR,
-        "--prompt-tables",
-        `${REPO}prompt-tables`,
-        "--adapters",
-        `${REPO}adapters`,
-      ],
-      { readyTimeoutMs: 120_000 },
-    );
+    server = await startRepoServer();
     client = new OpenAI({
       baseURL: `${server.baseUrl}/v1`,
       apiKey: "unused",
@@ -202,21 +206,7 @@ describe("a --peft none server (no PEFT paths in the graph)", () => {
   let server: ServerHandle;
 
   before(async () => {
-    server = await startServer(
-      [
-        "--model",
-        madeModelDir("default", 0),
-        "--cache-dir",
-        TEST_CACHE_DIR,
-        "--prompt-tables",
-        `${REPO}prompt-tables`,
-        "--adapters",
-        `${REPO}adapters`,
-        "--peft",
-        "none",
-      ],
-      { readyTimeoutMs: 120_000 },
-    );
+    server = await startRepoServer(["--peft", "none"]);
   });
   after(async () => {
     await server?.stop();
