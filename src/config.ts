@@ -64,7 +64,7 @@ export const configSchema = z
     adapterUrlMaxMb: z.coerce.number().positive().default(512),
     /**
      * The PEFT kinds the graph carries paths for: a comma-separated list of lora, ia3, bottleneck, or none.
-     * A kind left out costs nothing per step (none: ~10-15% faster batch-1 decode, docs/weight-formats.md) and its
+     * A kind left out costs nothing per step (none: batch-1 decode 1.07x served, 1.09-1.18x at the runner; docs/weight-formats.md) and its
      * adapters are refused; soft prompts and prefix tuning need no PEFT paths.
      */
     peft: z

@@ -84,7 +84,7 @@ export class GraphBuilder {
    */
   output(name: string, source: string, dataType: DataTypeCode, dims: (number | string)[]): void {
     const producer = this.nodes.find((n) => n.outputs.includes(source));
-    if (producer && !this.inputs.some((i) => i.name === source)) {
+    if (producer) {
       producer.outputs = producer.outputs.map((o) => (o === source ? name : o));
       renameUses(this.nodes, source, name);
       this.renamed.set(source, name);
