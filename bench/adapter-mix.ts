@@ -3,7 +3,8 @@
  * (`npm run bench -- --adapters`, or `npm run bench:adapters`): the same load with every sequence on the base,
  * on one LoRA, on N distinct LoRAs (N = 8, 32; rank 16 on q,k,v,o), on 8 distinct IA3 adapters and on 8
  * distinct soft prompts. Adapters are made (seeded) for the model under bench/.tasks/ and warmed up first,
- * so the figures compare serving, not loading.
+ * so the figures compare serving, not loading. `--peft lora,ia3` serves them from a graph without the bottleneck
+ * paths (the server's flag).
  */
 import { existsSync, mkdirSync, writeFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
@@ -66,6 +67,8 @@ export interface AdapterMixOptions {
   maxTokens: number;
   prompt: (client: number, i: number) => number[];
   log: (msg: string) => void;
+  /** The server's --peft (default: its own, every kind). */
+  peft?: string;
 }
 
 export async function runAdapterMix(options: AdapterMixOptions) {
@@ -88,6 +91,7 @@ export async function runAdapterMix(options: AdapterMixOptions) {
     "--max-batched-tokens",
     String(Math.max(256, options.concurrency)),
     "--no-watch",
+    ...(options.peft ? ["--peft", options.peft] : []),
   ]);
   const rows = [];
   try {
@@ -183,6 +187,7 @@ async function main(): Promise<void> {
       "max-tokens": { type: "string", default: "128" },
       "prompt-tokens": { type: "string", default: "128" },
       rounds: { type: "string", default: "2" },
+      peft: { type: "string" },
     },
   });
   const log = (msg: string) => process.stderr.write(`[bench:adapters] ${msg}\n`);
@@ -200,12 +205,16 @@ async function main(): Promise<void> {
     maxTokens: Number(values["max-tokens"]),
     prompt: (c, i) => benchPromptIds(vocab, promptTokens, c, i),
     log,
+    peft: values.peft,
   });
   printAdapterMix(rows, concurrency);
   const outDir = join(BENCH_DIR, "results");
   mkdirSync(outDir, { recursive: true });
   const file = join(outDir, `adapter-mix-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
-  writeFileSync(file, `${JSON.stringify({ date: new Date().toISOString(), concurrency, rows }, null, 2)}\n`);
+  writeFileSync(
+    file,
+    `${JSON.stringify({ date: new Date().toISOString(), concurrency, peft: values.peft ?? "default", rows }, null, 2)}\n`,
+  );
   log(`wrote ${file}`);
 }
 
