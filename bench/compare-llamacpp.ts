@@ -491,7 +491,7 @@ export interface CompareOptions {
  * `ours` labels the taskmux side: its --weights, @B for a non-default --quant-block-size B, +spin for --spin,
  * +nopeft for `--peft none` (no PEFT paths in the graph: what llama.cpp runs, a base model alone).
  */
-export const PAIRS = [
+const PAIRS = [
   { ours: "fp32", weights: "fp32", gguf: "F32" },
   { ours: "fp32+spin", weights: "fp32", spin: true, gguf: "F32" },
   { ours: "fp32+nopeft", weights: "fp32", peftNone: true, gguf: "F32" },
