@@ -36,8 +36,29 @@ interface DecodeMirror {
   capacity: number;
   /** Positions of each row already copied in. */
   lengths: number[];
+  /** per layer views of exactly [B, KVH, capacity, HS] over `buffers` */
   keys: Float32Array[];
   values: Float32Array[];
+  /** per layer allocations, with room for MIRROR_HEADROOM more granules (keys, then values) */
+  buffers: { keys: Float32Array[]; values: Float32Array[] };
+}
+
+/**
+ * Granules of room a new mirror allocation leaves: regrowing within it reuses the memory instead of allocating
+ * (and page-faulting) fresh buffers, which at 32 rows took up to 350 ms once every 32 steps.
+ */
+const MIRROR_HEADROOM = 2;
+
+/**
+ * Copy `n` floats. A step moves one head's HS floats at a time (thousands of runs at 32 rows); for runs that
+ * short a plain loop costs a fraction of subarray() + set(), which allocates a view per run.
+ */
+function copyFloats(dst: Float32Array, dstAt: number, src: Float32Array, srcAt: number, n: number): void {
+  if (n > 256) {
+    dst.set(src.subarray(srcAt, srcAt + n), dstAt);
+    return;
+  }
+  for (let i = 0; i < n; i++) dst[dstAt + i] = src[srcAt + i]!;
 }
 
 export class KvStore {
@@ -165,12 +186,13 @@ export class KvStore {
       const len = s?.length ?? 0;
       const from = m!.lengths[b]!;
       if (!s || len <= from) return;
+      const n = (len - from) * headDim;
       for (let l = 0; l < numLayers; l++) {
         for (let h = 0; h < numKvHeads; h++) {
           const src = (h * s.capacity + from) * headDim;
           const dst = ((b * numKvHeads + h) * m!.capacity + from) * headDim;
-          m!.keys[l]!.set(s.keys[l]!.subarray(src, src + (len - from) * headDim), dst);
-          m!.values[l]!.set(s.values[l]!.subarray(src, src + (len - from) * headDim), dst);
+          copyFloats(m!.keys[l]!, dst, s.keys[l]!, src, n);
+          copyFloats(m!.values[l]!, dst, s.values[l]!, src, n);
         }
       }
       m!.lengths[b] = len;
@@ -181,19 +203,19 @@ export class KvStore {
   private newMirror(rowsKey: string, rows: number, capacity: number): DecodeMirror {
     const { numLayers, numKvHeads, headDim } = this.shape;
     const size = rows * numKvHeads * capacity * headDim;
-    const old = this.mirror;
-    const reuse = old && old.keys[0]!.length >= size;
-    const buffers = (list: Float32Array[] | undefined) =>
-      Array.from({ length: numLayers }, (_, l) =>
-        reuse ? list![l]!.subarray(0, size) : new Float32Array(size),
-      );
+    const old = this.mirror?.buffers;
+    const reuse = old !== undefined && old.keys[0]!.length >= size;
+    const allocation = rows * numKvHeads * (capacity + MIRROR_HEADROOM * MIRROR_GRANULE) * headDim;
+    const fresh = () => Array.from({ length: numLayers }, () => new Float32Array(allocation));
+    const buffers = reuse ? old : { keys: fresh(), values: fresh() };
     // Reused buffers may hold other rows' data: lengths start at 0, so every row is copied in afresh.
     this.mirror = {
       rowsKey,
       capacity,
       lengths: new Array(rows).fill(0),
-      keys: buffers(old?.keys),
-      values: buffers(old?.values),
+      keys: buffers.keys.map((b) => b.subarray(0, size)),
+      values: buffers.values.map((b) => b.subarray(0, size)),
+      buffers,
     };
     return this.mirror;
   }
@@ -211,11 +233,15 @@ export class KvStore {
   ): void {
     const { numLayers, numKvHeads, headDim } = this.shape;
     const kvDim = numKvHeads * headDim;
+    // A decode step's rows are the mirror's rows: their new positions go into the mirror too, so the next
+    // step's assembleDecode finds nothing to copy.
+    const m = this.mirror !== null && this.mirror.rowsKey === seqIds.join(",") ? this.mirror : null;
     seqIds.forEach((seqId, b) => {
       const count = counts[b]!;
       if (count === 0) return;
       const start = this.sequences.get(seqId)?.length ?? 0;
       const s = this.ensure(seqId, start + count);
+      const intoMirror = m !== null && m.lengths[b] === start && start + count <= m.capacity;
       for (let l = 0; l < numLayers; l++) {
         const nk = newKeys[l]!;
         const nv = newValues[l]!;
@@ -224,12 +250,18 @@ export class KvStore {
           for (let h = 0; h < numKvHeads; h++) {
             const src = srcRow + h * headDim;
             const dst = (h * s.capacity + start + t) * headDim;
-            s.keys[l]!.set(nk.subarray(src, src + headDim), dst);
-            s.values[l]!.set(nv.subarray(src, src + headDim), dst);
+            copyFloats(s.keys[l]!, dst, nk, src, headDim);
+            copyFloats(s.values[l]!, dst, nv, src, headDim);
+            if (intoMirror) {
+              const at = ((b * numKvHeads + h) * m.capacity + start + t) * headDim;
+              copyFloats(m.keys[l]!, at, nk, src, headDim);
+              copyFloats(m.values[l]!, at, nv, src, headDim);
+            }
           }
         }
       }
       s.length = start + count;
+      if (intoMirror) m.lengths[b] = start + count;
     });
   }
 
