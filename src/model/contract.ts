@@ -20,7 +20,9 @@
  *   logits            float [R, V]   fetched only when some row reads logit values (StepBatch.fetchLogits)
  *   greedy_token      int64 [R]      argmax of each logits row (lowest id on ties)
  *   logits_row_sum    float [R]      finite exactly when the row is (a NaN/Inf anywhere makes the sum NaN/Inf)
- *   new_key.{l}, new_value.{l} float [B, T, KVH * HS]  this step's (rotated) keys/values, appended by the runner
+ *   new_kv               float [2L * B, T, KVH * HS]  this step's (rotated) keys and values of every layer, appended
+ *                        by the runner: layer l's keys are rows [2l*B, (2l+1)*B), its values the next B rows
+ *                        (one output, not 2L: each fetched output costs ~2 us to bind and copy out)
  */
 
 export const PROJECTIONS = [
@@ -73,8 +75,7 @@ export const OUTPUT = {
   logits: "logits",
   greedyToken: "greedy_token",
   logitsRowSum: "logits_row_sum",
-  newKey: (layer: number) => `new_key.${layer}`,
-  newValue: (layer: number) => `new_value.${layer}`,
+  newKv: "new_kv",
 } as const;
 
 /** Which PEFT paths the built graph carries (a path not built costs nothing at run time). */

@@ -33,9 +33,8 @@ export function logitsOf(result: StepResult): Float32Array {
 export class ModelRunner implements ModelBackend {
   readonly kv: KvStore;
   readonly pools: PeftPools;
-  /** greedy_token and logits_row_sum (logits are added when fetched); new_key/new_value of every layer. */
+  /** greedy_token and logits_row_sum (logits are added when fetched). */
   private readonly rowOutputs = [OUTPUT.greedyToken, OUTPUT.logitsRowSum];
-  private readonly kvOutputs: string[];
 
   private constructor(
     private readonly session: ModelSession,
@@ -45,8 +44,6 @@ export class ModelRunner implements ModelBackend {
   ) {
     this.kv = new KvStore({ numLayers: spec.numLayers, numKvHeads: spec.numKvHeads, headDim: spec.headDim });
     this.pools = new PeftPools(spec, peft, pools);
-    this.kvOutputs = [];
-    for (let l = 0; l < spec.numLayers; l++) this.kvOutputs.push(OUTPUT.newKey(l), OUTPUT.newValue(l));
   }
 
   static async create(options: RunnerOptions): Promise<ModelRunner> {
@@ -98,13 +95,15 @@ export class ModelRunner implements ModelBackend {
     // onnxruntime warns when a reduction over an empty [0, V] comes back shaped [0, V].
     const R = batch.logitsIndex.length;
     const perRow = R === 0 ? [] : batch.fetchLogits ? [OUTPUT.logits, ...this.rowOutputs] : this.rowOutputs;
-    const fetched = [...perRow, ...this.kvOutputs];
+    const fetched = [...perRow, OUTPUT.newKv];
     const out = await this.session.run(feeds, fetched, this.pools.defaults);
+    const newKv = out.float32(OUTPUT.newKv);
+    const block = B * T * spec.numKvHeads * spec.headDim; // one layer's keys (or values)
     const newKeys: Float32Array[] = [];
     const newValues: Float32Array[] = [];
     for (let l = 0; l < spec.numLayers; l++) {
-      newKeys.push(out.float32(OUTPUT.newKey(l)));
-      newValues.push(out.float32(OUTPUT.newValue(l)));
+      newKeys.push(newKv.subarray(2 * l * block, (2 * l + 1) * block));
+      newValues.push(newKv.subarray((2 * l + 1) * block, (2 * l + 2) * block));
     }
     this.kv.append(
       seqIds,

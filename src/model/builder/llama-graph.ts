@@ -178,10 +178,9 @@ class LlamaGraph {
           "peft",
         )
       : this.decoder(params, x, h, shared, false);
-    for (let l = 0; l < this.spec.numLayers; l++) {
-      g.output(OUTPUT.newKey(l), outs[1 + 2 * l]!, DataType.FLOAT, ["batch", "seq", this.kvDim]);
-      g.output(OUTPUT.newValue(l), outs[2 + 2 * l]!, DataType.FLOAT, ["batch", "seq", this.kvDim]);
-    }
+    // [key 0, value 0, key 1, ...] stacked along the batch axis: one output for the runner to fetch.
+    const newKv = g.op1("Concat", outs.slice(1), { axis: 0 });
+    g.output(OUTPUT.newKv, newKv, DataType.FLOAT, ["kv_rows", "seq", this.kvDim]);
     this.logits(outs[0]!, params);
     return g;
   }
