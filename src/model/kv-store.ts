@@ -27,21 +27,24 @@ const MIN_CAPACITY = 64;
 const MIRROR_GRANULE = 32;
 
 /**
- * The past of the rows of the last decode step, laid out [B, KVH, capacity, HS]: while the same rows keep
- * decoding, each step only copies in the token appended since, instead of re-assembling every row's whole
- * past (which cost up to 40% of a 32-row step). The graph is fed `capacity` positions; the mask hides the rest.
+ * The past of the rows of recent decode steps, one slot a row, laid out [slots, KVH, capacity, HS]: while rows
+ * keep decoding, each step only copies in the token appended since, instead of re-assembling every row's whole
+ * past (which cost up to 40% of a 32-row step). A row keeps its slot while it stays in the batch, and a row that
+ * joins takes a vacant slot, so one sequence finishing moves at most one other row (with rows laid out in step
+ * order, every later row moved: at 32 rows with one finishing every 4 steps that averaged 34 ms a step). The
+ * graph is fed the first B slots at `capacity` positions, in slot order; the mask hides the rest.
  */
 interface DecodeMirror {
-  rowsKey: string;
   capacity: number;
-  /** Positions of each row already copied in. */
+  /** The sequence in each slot (VACANT when none). */
+  rows: number[];
+  /** Positions of each slot's row already copied in. */
   lengths: number[];
-  /** per layer views of exactly [B, KVH, capacity, HS] over `buffers` */
-  keys: Float32Array[];
-  values: Float32Array[];
-  /** per layer allocations, with room for MIRROR_HEADROOM more granules (keys, then values) */
-  buffers: { keys: Float32Array[]; values: Float32Array[] };
+  /** per layer allocations, room for `buffers.slots` slots of `capacity + MIRROR_HEADROOM granules` positions */
+  buffers: { keys: Float32Array[]; values: Float32Array[]; slots: number };
 }
+
+const VACANT = -1;
 
 /**
  * Granules of room a new mirror allocation leaves: regrowing within it reuses the memory instead of allocating
@@ -86,7 +89,20 @@ export class KvStore {
 
   free(seqId: number): void {
     this.sequences.delete(seqId);
-    this.mirror = null;
+    this.vacate(seqId);
+    // Idle: let go of the mirror's memory (up to slots x capacity of every layer).
+    if (this.sequences.size === 0) this.mirror = null;
+  }
+
+  /** The sequence's mirror slot (if any) holds nothing from now on. */
+  private vacate(seqId: number): void {
+    const m = this.mirror;
+    if (!m) return;
+    const slot = m.rows.indexOf(seqId);
+    if (slot >= 0) {
+      m.rows[slot] = VACANT;
+      m.lengths[slot] = 0;
+    }
   }
 
   private ensure(seqId: number, needed: number): SequenceKv {
@@ -120,7 +136,7 @@ export class KvStore {
 
   /** Write a prefix (prefix tuning) as the first `length` positions: per layer [KVH, length, HS]. */
   seed(seqId: number, length: number, keys: Float32Array[], values: Float32Array[]): void {
-    this.mirror = null;
+    this.vacate(seqId);
     const s = this.ensure(seqId, length);
     const { numKvHeads, headDim } = this.shape;
     for (let l = 0; l < this.shape.numLayers; l++) {
@@ -164,58 +180,122 @@ export class KvStore {
   }
 
   /**
-   * Past K/V for a decode step of `seqIds` whose longest past is `pastLength`, as [B, KVH, capacity, HS]
-   * views (capacity >= pastLength; positions past a row's length are stale and must be masked out).
+   * Past K/V for a decode step of `seqIds` whose longest past is `pastLength`, as [B, KVH, capacity, HS] views
+   * (capacity >= pastLength; positions past a row's length are stale and must be masked out) in slot order:
+   * `slots[b]` is where row b of the step sits, and the graph must be fed the step's rows in that order.
    */
   assembleDecode(
     seqIds: readonly number[],
     pastLength: number,
-  ): { keys: Float32Array[]; values: Float32Array[]; capacity: number } {
-    const rowsKey = seqIds.join(",");
+  ): { keys: Float32Array[]; values: Float32Array[]; capacity: number; slots: number[] } {
+    const B = seqIds.length;
+    const needed = Math.ceil((pastLength + 1) / MIRROR_GRANULE) * MIRROR_GRANULE;
     let m = this.mirror;
-    if (!m || m.rowsKey !== rowsKey || pastLength > m.capacity) {
-      m = this.newMirror(
-        rowsKey,
-        seqIds.length,
-        Math.ceil((pastLength + 1) / MIRROR_GRANULE) * MIRROR_GRANULE,
-      );
-    }
+    // A longer past re-lays every slot (the slot stride is capacity): rows start over in step order.
+    if (!m || pastLength > m.capacity) m = this.newMirror(B, needed);
+    const slots = this.placeRows(m, seqIds);
     const { numLayers, numKvHeads, headDim } = this.shape;
     seqIds.forEach((seqId, b) => {
+      const slot = slots[b]!;
       const s = this.sequences.get(seqId);
       const len = s?.length ?? 0;
-      const from = m!.lengths[b]!;
+      const from = m.lengths[slot]!;
       if (!s || len <= from) return;
       const n = (len - from) * headDim;
       for (let l = 0; l < numLayers; l++) {
         for (let h = 0; h < numKvHeads; h++) {
           const src = (h * s.capacity + from) * headDim;
-          const dst = ((b * numKvHeads + h) * m!.capacity + from) * headDim;
-          copyFloats(m!.keys[l]!, dst, s.keys[l]!, src, n);
-          copyFloats(m!.values[l]!, dst, s.values[l]!, src, n);
+          const dst = ((slot * numKvHeads + h) * m.capacity + from) * headDim;
+          copyFloats(m.buffers.keys[l]!, dst, s.keys[l]!, src, n);
+          copyFloats(m.buffers.values[l]!, dst, s.values[l]!, src, n);
         }
       }
-      m!.lengths[b] = len;
+      m.lengths[slot] = len;
     });
-    return { keys: m.keys, values: m.values, capacity: m.capacity };
+    const size = B * numKvHeads * m.capacity * headDim;
+    return {
+      keys: m.buffers.keys.map((k) => k.subarray(0, size)),
+      values: m.buffers.values.map((v) => v.subarray(0, size)),
+      capacity: m.capacity,
+      slots,
+    };
   }
 
-  private newMirror(rowsKey: string, rows: number, capacity: number): DecodeMirror {
+  /**
+   * Slots 0..B-1 for this step's rows: a row already in one of them stays; the others (rows new to the mirror,
+   * and rows whose slot is B or beyond) take the vacated ones and are copied in afresh by the caller.
+   */
+  private placeRows(m: DecodeMirror, seqIds: readonly number[]): number[] {
+    const B = seqIds.length;
+    if (m.buffers.slots < B) this.growSlots(m, B);
+    while (m.rows.length < B) {
+      m.rows.push(VACANT);
+      m.lengths.push(0);
+    }
+    const inStep = new Set(seqIds);
+    const slots = new Array<number>(B).fill(VACANT);
+    const kept = new Set<number>();
+    seqIds.forEach((seqId, b) => {
+      const slot = m.rows.indexOf(seqId);
+      if (slot >= 0 && slot < B) {
+        slots[b] = slot;
+        kept.add(slot);
+      }
+    });
+    const free: number[] = [];
+    for (let slot = B - 1; slot >= 0; slot--) if (!kept.has(slot)) free.push(slot);
+    seqIds.forEach((seqId, b) => {
+      if (slots[b] !== VACANT) return;
+      const slot = free.pop()!;
+      slots[b] = slot;
+      m.rows[slot] = seqId;
+      m.lengths[slot] = 0;
+    });
+    // Slots past B hold rows this step left out; they are refilled from the store if those rows come back.
+    for (let slot = B; slot < m.rows.length; slot++) {
+      if (!inStep.has(m.rows[slot]!)) continue;
+      m.rows[slot] = VACANT;
+      m.lengths[slot] = 0;
+    }
+    return slots;
+  }
+
+  /** Room for `rows` slots at the mirror's capacity: bigger buffers, the rows already in copied over. */
+  private growSlots(m: DecodeMirror, rows: number): void {
+    const { numKvHeads, headDim } = this.shape;
+    const allocation = rows * numKvHeads * (m.capacity + MIRROR_HEADROOM * MIRROR_GRANULE) * headDim;
+    const used = m.rows.length * numKvHeads * m.capacity * headDim;
+    const grow = (old: Float32Array) => {
+      const next = new Float32Array(allocation);
+      next.set(old.subarray(0, used));
+      return next;
+    };
+    m.buffers = {
+      keys: m.buffers.keys.map(grow),
+      values: m.buffers.values.map(grow),
+      slots: Math.floor(allocation / (numKvHeads * m.capacity * headDim)),
+    };
+  }
+
+  /** A mirror of `rows` empty slots at `capacity`, over the old buffers when they are big enough. */
+  private newMirror(rows: number, capacity: number): DecodeMirror {
     const { numLayers, numKvHeads, headDim } = this.shape;
-    const size = rows * numKvHeads * capacity * headDim;
     const old = this.mirror?.buffers;
+    const size = rows * numKvHeads * capacity * headDim;
     const reuse = old !== undefined && old.keys[0]!.length >= size;
-    const allocation = rows * numKvHeads * (capacity + MIRROR_HEADROOM * MIRROR_GRANULE) * headDim;
+    const allocation = reuse
+      ? old.keys[0]!.length
+      : rows * numKvHeads * (capacity + MIRROR_HEADROOM * MIRROR_GRANULE) * headDim;
     const fresh = () => Array.from({ length: numLayers }, () => new Float32Array(allocation));
-    const buffers = reuse ? old : { keys: fresh(), values: fresh() };
-    // Reused buffers may hold other rows' data: lengths start at 0, so every row is copied in afresh.
     this.mirror = {
-      rowsKey,
       capacity,
-      lengths: new Array(rows).fill(0),
-      keys: buffers.keys.map((b) => b.subarray(0, size)),
-      values: buffers.values.map((b) => b.subarray(0, size)),
-      buffers,
+      rows: [],
+      lengths: [],
+      buffers: {
+        keys: reuse ? old.keys : fresh(),
+        values: reuse ? old.values : fresh(),
+        slots: Math.floor(allocation / (numKvHeads * capacity * headDim)),
+      },
     };
     return this.mirror;
   }
@@ -233,15 +313,16 @@ export class KvStore {
   ): void {
     const { numLayers, numKvHeads, headDim } = this.shape;
     const kvDim = numKvHeads * headDim;
-    // A decode step's rows are the mirror's rows: their new positions go into the mirror too, so the next
-    // step's assembleDecode finds nothing to copy.
-    const m = this.mirror !== null && this.mirror.rowsKey === seqIds.join(",") ? this.mirror : null;
+    // A decode step's rows are mirror rows, fed in slot order (`seqIds` are the graph's rows): their new
+    // positions go into the mirror too, so the next step's assembleDecode finds nothing to copy.
+    const m = this.mirror;
     seqIds.forEach((seqId, b) => {
       const count = counts[b]!;
       if (count === 0) return;
       const start = this.sequences.get(seqId)?.length ?? 0;
       const s = this.ensure(seqId, start + count);
-      const intoMirror = m !== null && m.lengths[b] === start && start + count <= m.capacity;
+      const intoMirror =
+        m !== null && m.rows[b] === seqId && m.lengths[b] === start && start + count <= m.capacity;
       for (let l = 0; l < numLayers; l++) {
         const nk = newKeys[l]!;
         const nv = newValues[l]!;
@@ -254,8 +335,8 @@ export class KvStore {
             copyFloats(s.values[l]!, dst, nv, src, headDim);
             if (intoMirror) {
               const at = ((b * numKvHeads + h) * m.capacity + start + t) * headDim;
-              copyFloats(m.keys[l]!, at, nk, src, headDim);
-              copyFloats(m.values[l]!, at, nv, src, headDim);
+              copyFloats(m.buffers.keys[l]!, at, nk, src, headDim);
+              copyFloats(m.buffers.values[l]!, at, nv, src, headDim);
             }
           }
         }
@@ -267,7 +348,7 @@ export class KvStore {
 
   /** Forget the last tokens of a sequence (used to re-run a step that failed). */
   truncate(seqId: number, length: number): void {
-    this.mirror = null;
+    this.vacate(seqId);
     const s = this.sequences.get(seqId);
     if (s && length < s.length) s.length = length;
   }

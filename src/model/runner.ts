@@ -51,12 +51,12 @@ export class ModelRunner implements ModelBackend {
     return new ModelRunner(session, options.spec, options.peft, options.pools);
   }
 
-  async forward(batch: StepBatch): Promise<StepResult> {
+  async forward(step: StepBatch): Promise<StepResult> {
     const { spec } = this;
+    const { batch, past, pastFed, mask } = this.pastFor(step);
     const B = batch.rows.length;
     const T = batch.seqLen;
     const seqIds = batch.rows.map((r) => r.seqId);
-    const { past, pastFed, mask } = this.pastFor(batch, seqIds);
     const kvDims = [B, spec.numKvHeads, pastFed, spec.headDim];
     const used = (slots: BigInt64Array) => slots.some((s) => s !== 0n);
     const usage: Record<PoolKind, boolean> = {
@@ -124,22 +124,25 @@ export class ModelRunner implements ModelBackend {
   }
 
   /**
-   * Decode steps (one token per row) read the past from the KV store's decode mirror, fed at its capacity
-   * with the mask widened to match; other steps assemble each row's past at exactly the step's length.
+   * Decode steps (one token per row) read the past from the KV store's decode mirror, fed at its capacity with
+   * the mask widened to match, and run with their rows in the mirror's slot order (logits rows, and so every
+   * per-row output, keep the step's order); other steps assemble each row's past at exactly the step's length.
    */
-  private pastFor(batch: StepBatch, seqIds: number[]) {
-    const P = batch.pastLength;
-    if (batch.seqLen !== 1) {
-      return { past: this.kv.assemble(seqIds, P), pastFed: P, mask: batch.attentionMask };
+  private pastFor(step: StepBatch) {
+    const seqIds = step.rows.map((r) => r.seqId);
+    const P = step.pastLength;
+    if (step.seqLen !== 1) {
+      return { batch: step, past: this.kv.assemble(seqIds, P), pastFed: P, mask: step.attentionMask };
     }
-    const { keys, values, capacity } = this.kv.assembleDecode(seqIds, P);
-    const B = batch.rows.length;
+    const { keys, values, capacity, slots } = this.kv.assembleDecode(seqIds, P);
+    const B = step.rows.length;
     const mask = new Uint8Array(B * (capacity + 1));
     for (let b = 0; b < B; b++) {
-      mask.set(batch.attentionMask.subarray(b * (P + 1), b * (P + 1) + P), b * (capacity + 1));
-      mask[b * (capacity + 1) + capacity] = batch.attentionMask[b * (P + 1) + P]!;
+      const row = slots[b]! * (capacity + 1);
+      mask.set(step.attentionMask.subarray(b * (P + 1), b * (P + 1) + P), row);
+      mask[row + capacity] = step.attentionMask[b * (P + 1) + P]!;
     }
-    return { past: { keys, values }, pastFed: capacity, mask };
+    return { batch: inSlotOrder(step, slots), past: { keys, values }, pastFed: capacity, mask };
   }
 
   release(seqIds: readonly number[]): void {
@@ -170,4 +173,34 @@ export class ModelRunner implements ModelBackend {
   async dispose(): Promise<void> {
     await this.session.dispose();
   }
+}
+
+/**
+ * A one-token-a-row step with row b moved to `slots[b]`; logits_index keeps its order, pointing at the new rows.
+ * The attention mask is left as the step's: pastFor builds the fed one, rows in slot order.
+ */
+function inSlotOrder(step: StepBatch, slots: readonly number[]): StepBatch {
+  if (slots.every((slot, b) => slot === b)) return step;
+  const permute = <A extends BigInt64Array>(values: A): A => {
+    const out = new (values.constructor as new (n: number) => A)(values.length);
+    slots.forEach((slot, b) => {
+      out[slot] = values[b]!;
+    });
+    return out;
+  };
+  const rows = new Array<StepBatch["rows"][number]>(slots.length);
+  slots.forEach((slot, b) => {
+    rows[slot] = step.rows[b]!;
+  });
+  return {
+    ...step,
+    rows,
+    inputIds: permute(step.inputIds),
+    positionIds: permute(step.positionIds),
+    // With one token a row, a flat index b * T + t is the row b itself.
+    logitsIndex: BigInt64Array.from(step.logitsIndex, (b) => BigInt(slots[Number(b)]!)),
+    loraSlots: permute(step.loraSlots),
+    ia3Slots: permute(step.ia3Slots),
+    bottleneckSlots: permute(step.bottleneckSlots),
+  };
 }
