@@ -4,7 +4,9 @@
  * (measured in the same run). Writes bench/results/<time>.json and prints a table.
  *
  *   npm run bench -- [--concurrency 1,8,32] [--prompt-tokens 128] [--max-tokens 128] [--threads N]
- *                    [--preset smollm2-135m] [--requests-per-client 2]
+ *                    [--preset smollm2-135m] [--requests-per-client 2] [--staggered]
+ *     --staggered: each request asks for its own max_tokens, spread over [max/8, max], so streams finish and
+ *     new ones join at different steps (steady traffic) instead of all together
  *   npm run bench -- --compare-llamacpp [--reps 3] [--threads N] [--pairs fp32,int4,...]
  *                                                                  (taskmux vs node-llama-cpp: bench/compare-llamacpp.ts)
  */
@@ -30,6 +32,7 @@ const { values } = parseArgs({
     "prompt-tokens": { type: "string", default: "128" },
     "max-tokens": { type: "string", default: "128" },
     "requests-per-client": { type: "string", default: "2" },
+    staggered: { type: "boolean", default: false },
     threads: { type: "string", default: String(availableParallelism()) },
     "compare-llamacpp": { type: "boolean", default: false },
     reps: { type: "string", default: "3" },
@@ -43,6 +46,13 @@ const concurrencies = values.concurrency.split(",").map(Number);
 const promptTokens = Number(values["prompt-tokens"]);
 const maxTokens = Number(values["max-tokens"]);
 const requestsPerClient = Number(values["requests-per-client"]);
+/** Deterministic per-request lengths in [maxTokens / 8, maxTokens] under --staggered. */
+const requestMaxTokens = values.staggered
+  ? (client: number, i: number) => {
+      const low = Math.max(1, Math.ceil(maxTokens / 8));
+      return low + ((client * 37 + i * 101) % (maxTokens - low + 1));
+    }
+  : maxTokens;
 const threads = Number(values.threads);
 
 function log(msg: string) {
@@ -105,17 +115,21 @@ async function main() {
   const levels = [];
   try {
     for (const c of concurrencies) {
-      log(`concurrency ${c}: ${c * requestsPerClient} requests of ${promptTokens} + ${maxTokens} tokens`);
+      log(
+        `concurrency ${c}: ${c * requestsPerClient} requests of ${promptTokens} + ${values.staggered ? `${Math.ceil(maxTokens / 8)}..` : ""}${maxTokens} tokens`,
+      );
       const r = await runLoad({
         baseUrl: server.baseUrl,
         concurrency: c,
         requestsPerClient,
         prompt: (client, i) => promptIds(info.spec.vocabSize, client, i),
-        maxTokens,
+        maxTokens: requestMaxTokens,
       });
       const throughput = r.completionTokens / r.wallS;
       // Aggregate decode: tokens/s while all c streams decode (prefill steps that start streams excluded).
-      const decodeTokS = steadyDecodeTokS(r);
+      // (--staggered streams never all decode at once: no such window, so no figure.)
+      const steady = steadyDecodeTokS(r);
+      const decodeTokS = Number.isFinite(steady) ? steady : null;
       // The streams' own decode rates, summed: a stream's rate also absorbs the prefill steps of the others
       // that start while it decodes (they interleave with decode steps), so this one is lower.
       const streamDecodeSumTokS =
@@ -156,6 +170,7 @@ async function main() {
     threads,
     promptTokens,
     maxTokens,
+    staggered: values.staggered,
     machine: {
       bandwidthGBs: best.bandwidthBytesPerS / 1e9,
       gemmGflops: best.gemmFlopsPerS / 1e9,
@@ -171,7 +186,8 @@ async function main() {
       // capped by compute (2 FLOP per parameter per token).
       ...roofline(l.concurrency, l.throughputTokS),
       speedupVsConcurrency1: base ? l.throughputTokS / base.throughputTokS : null,
-      decodeSpeedupVsConcurrency1: base ? l.decodeTokS / base.decodeTokS : null,
+      decodeSpeedupVsConcurrency1:
+        base && l.decodeTokS !== null && base.decodeTokS !== null ? l.decodeTokS / base.decodeTokS : null,
       streamDecodeSumSpeedupVsConcurrency1: base ? l.streamDecodeSumTokS / base.streamDecodeSumTokS : null,
     })),
   };
@@ -200,7 +216,7 @@ function printTable(
     conc: l.concurrency,
     "tok/s": l.throughputTokS!.toFixed(1),
     "x conc1": l.speedupVsConcurrency1?.toFixed(2) ?? "-",
-    "decode tok/s": l.decodeTokS!.toFixed(1),
+    "decode tok/s": l.decodeTokS?.toFixed(1) ?? "-",
     "decode x conc1": l.decodeSpeedupVsConcurrency1?.toFixed(2) ?? "-",
     "stream-sum x conc1": l.streamDecodeSumSpeedupVsConcurrency1?.toFixed(2) ?? "-",
     roofline: l.rooflineTokS!.toFixed(0),

@@ -10,7 +10,8 @@ export interface LoadOptions {
   requestsPerClient: number;
   /** Prompt as token ids (exact length, no tokenizer round trip). */
   prompt: (client: number, i: number) => number[];
-  maxTokens: number;
+  /** Per request, or one figure for all (a per-request figure makes streams end, and new ones join, out of step). */
+  maxTokens: number | ((client: number, i: number) => number);
   headers?: (client: number, i: number) => Record<string, string>;
   timeoutMs?: number;
 }
@@ -41,7 +42,7 @@ async function oneRequest(
     headers: { "content-type": "application/json", ...(options.headers?.(client, i) ?? {}) },
     body: JSON.stringify({
       prompt: options.prompt(client, i),
-      max_tokens: options.maxTokens,
+      max_tokens: typeof options.maxTokens === "number" ? options.maxTokens : options.maxTokens(client, i),
       temperature: 0,
       ignore_eos: true,
       stream: true,
