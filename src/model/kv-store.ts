@@ -40,7 +40,7 @@ interface DecodeMirror {
   rows: number[];
   /** Positions of each slot's row already copied in. */
   lengths: number[];
-  /** per layer allocations, room for `buffers.slots` slots of `capacity + MIRROR_HEADROOM granules` positions */
+  /** per layer allocations (slot stride: KVH x capacity x HS); `slots` is how many slots fit at this capacity */
   buffers: { keys: Float32Array[]; values: Float32Array[]; slots: number };
 }
 
