@@ -42,9 +42,16 @@ interface DecodeMirror {
   lengths: number[];
   /** per layer allocations (slot stride: KVH x capacity x HS); `slots` is how many slots fit at this capacity */
   buffers: { keys: Float32Array[]; values: Float32Array[]; slots: number };
+  /** The per-layer views the last step was fed (the first `rows` slots), reused while B and the buffers hold. */
+  views: { rows: number; keys: Float32Array[]; values: Float32Array[] } | null;
 }
 
 const VACANT = -1;
+
+/** Floats a mirror allocation holds: `rows` slots with room for MIRROR_HEADROOM more granules each. */
+function mirrorAllocation(shape: KvShape, rows: number, capacity: number): number {
+  return rows * shape.numKvHeads * (capacity + MIRROR_HEADROOM * MIRROR_GRANULE) * shape.headDim;
+}
 
 /**
  * Granules of room a new mirror allocation leaves: regrowing within it reuses the memory instead of allocating
@@ -212,13 +219,15 @@ export class KvStore {
       }
       m.lengths[slot] = len;
     });
-    const size = B * numKvHeads * m.capacity * headDim;
-    return {
-      keys: m.buffers.keys.map((k) => k.subarray(0, size)),
-      values: m.buffers.values.map((v) => v.subarray(0, size)),
-      capacity: m.capacity,
-      slots,
-    };
+    if (m.views?.rows !== B) {
+      const size = B * numKvHeads * m.capacity * headDim;
+      m.views = {
+        rows: B,
+        keys: m.buffers.keys.map((k) => k.subarray(0, size)),
+        values: m.buffers.values.map((v) => v.subarray(0, size)),
+      };
+    }
+    return { keys: m.views.keys, values: m.views.values, capacity: m.capacity, slots };
   }
 
   /**
@@ -263,7 +272,7 @@ export class KvStore {
   /** Room for `rows` slots at the mirror's capacity: bigger buffers, the rows already in copied over. */
   private growSlots(m: DecodeMirror, rows: number): void {
     const { numKvHeads, headDim } = this.shape;
-    const allocation = rows * numKvHeads * (m.capacity + MIRROR_HEADROOM * MIRROR_GRANULE) * headDim;
+    const allocation = mirrorAllocation(this.shape, rows, m.capacity);
     const used = m.rows.length * numKvHeads * m.capacity * headDim;
     const grow = (old: Float32Array) => {
       const next = new Float32Array(allocation);
@@ -275,6 +284,7 @@ export class KvStore {
       values: m.buffers.values.map(grow),
       slots: Math.floor(allocation / (numKvHeads * m.capacity * headDim)),
     };
+    m.views = null;
   }
 
   /** A mirror of `rows` empty slots at `capacity`, over the old buffers when they are big enough. */
@@ -283,9 +293,7 @@ export class KvStore {
     const old = this.mirror?.buffers;
     const size = rows * numKvHeads * capacity * headDim;
     const reuse = old !== undefined && old.keys[0]!.length >= size;
-    const allocation = reuse
-      ? old.keys[0]!.length
-      : rows * numKvHeads * (capacity + MIRROR_HEADROOM * MIRROR_GRANULE) * headDim;
+    const allocation = reuse ? old.keys[0]!.length : mirrorAllocation(this.shape, rows, capacity);
     const fresh = () => Array.from({ length: numLayers }, () => new Float32Array(allocation));
     this.mirror = {
       capacity,
@@ -296,6 +304,7 @@ export class KvStore {
         values: reuse ? old.values : fresh(),
         slots: Math.floor(allocation / (numKvHeads * capacity * headDim)),
       },
+      views: null,
     };
     return this.mirror;
   }

@@ -79,7 +79,7 @@ export class GraphBuilder {
 
   /**
    * Declare a graph output. The node that makes `source` writes it under `name` itself where it can, since an
-   * Identity copies its input every run (60 new K/V tensors a decode step, R x vocab logits); every use of
+   * Identity copies its input every run (all layers' new K/V, R x vocab logits); every use of
    * `source`, in subgraphs and in nodes added later, follows the rename.
    */
   output(name: string, source: string, dataType: DataTypeCode, dims: (number | string)[]): void {
