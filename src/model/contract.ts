@@ -7,12 +7,17 @@
  *   position_ids      int64 [B, T]   absolute positions (virtual tokens are ordinary positions)
  *   virtual_embeddings float [N, D]  soft-prompt rows used by this step; N >= 1 (row 0 may be a zero pad row)
  *   attention_mask    bool  [B, 1, T, P + T]  true = may attend; P = past length fed this step
- *   past_key.{l}, past_value.{l} float [B, KVH, P, HS]  read-only; the graph never returns whole caches
+ *   past_key.{l}, past_value.{l} float [B, KVH, 1, P, HS]  read-only; the graph never returns whole caches.
+ *                     The 1 lets a decode step multiply each query head by its KV head's past as a batch of
+ *                     M=1 products, which onnxruntime's MLAS runs without packing the past (a grouped M=G product
+ *                     packs it first: 1.5x slower at 32 rows, docs/weight-formats.md)
  *   logits_index      int64 [R]      flat row indices (b * T + t) that need logits
  *   lora_slot / ia3_slot / bottleneck_slot  int64 [B]  per-row pool slot; slot 0 is the identity
- * Pools stack every layer of every slot on axis 0, slot-major: row = slot * numLayers + layer, so one
+ * LoRA is fed per layer as each row's own matrices (model/lora-rows.ts keeps them between steps):
+ *   lora_a.{l}.{m} [B_m, in, r_m], lora_b.{l}.{m} [B_m, r_m, out]   (scale folded into B; B_m = 1, r_m = 0 when
+ *                     no row of the step uses a LoRA on m)
+ * The other pools stack every layer of every slot on axis 0, slot-major: row = slot * numLayers + layer, so one
  * slot is one contiguous block and each layer gathers its rows with a single Gather (no per-layer slicing):
- *   lora_a.{m} [S*L, in, r], lora_b.{m} [S*L, r, out]   (scale folded into B at load; r may be 0)
  *   ia3.{m} [S*L, dim]            (output scale for q,k,v,o,gate,up; input scale for down)
  *   bottleneck_down.{p} [S*L, D, rb], bottleneck_down_bias.{p} [S*L, rb],
  *   bottleneck_up.{p} [S*L, rb, D], bottleneck_up_bias.{p} [S*L, D]   p in {attn, mlp}; rb may be 0

@@ -57,7 +57,7 @@ export class ModelRunner implements ModelBackend {
     const B = batch.rows.length;
     const T = batch.seqLen;
     const seqIds = batch.rows.map((r) => r.seqId);
-    const kvDims = [B, spec.numKvHeads, pastFed, spec.headDim];
+    const kvDims = [B, spec.numKvHeads, 1, pastFed, spec.headDim];
     const used = (slots: BigInt64Array) => slots.some((s) => s !== 0n);
     const usage: Record<PoolKind, boolean> = {
       lora: used(batch.loraSlots),
