@@ -18,7 +18,8 @@
  *                     no row of the step uses a LoRA on m)
  * The other pools stack every layer of every slot on axis 0, slot-major: row = slot * numLayers + layer, so one
  * slot is one contiguous block and each layer gathers its rows with a single Gather (no per-layer slicing):
- *   ia3.{m} [S*L, dim]            (output scale for q,k,v,o,gate,up; input scale for down)
+ *   ia3.{site} [S*L, width]       one pool per IA3_SITES entry (a fused product): the site's projections' vectors
+ *                                 side by side (output scale for qkv, o_proj, gate_up; input scale for down_proj)
  *   bottleneck_down.{p} [S*L, D, rb], bottleneck_down_bias.{p} [S*L, rb],
  *   bottleneck_up.{p} [S*L, rb, D], bottleneck_up_bias.{p} [S*L, D]   p in {attn, mlp}; rb may be 0
  * Outputs:
@@ -53,6 +54,47 @@ export const IA3_OUTPUT_SCALED: readonly Projection[] = [
 /** ...and the input of this one (PEFT's `feedforward_modules`). */
 export const IA3_INPUT_SCALED: readonly Projection[] = ["down_proj"];
 
+/**
+ * IA3 vectors are pooled per site, the fused product whose output (or, for down_proj, input) they scale, so a layer
+ * runs one Gather and one Mul per site rather than per projection (each a few microseconds of onnxruntime
+ * overhead at any batch size). A site's pool holds every projection of the site, side by side in this order;
+ * projections no adapter scales stay all-ones.
+ */
+export const IA3_SITES = {
+  qkv: ["q_proj", "k_proj", "v_proj"],
+  o_proj: ["o_proj"],
+  gate_up: ["gate_proj", "up_proj"],
+  down_proj: ["down_proj"],
+} as const satisfies Record<string, readonly Projection[]>;
+export type Ia3Site = keyof typeof IA3_SITES;
+
+export interface Ia3SiteLayout {
+  site: Ia3Site;
+  /** the sum of the site's projections' IA3 widths */
+  width: number;
+  /** where each of the layout's IA3 targets at this site starts within a pool row */
+  columns: Map<Projection, number>;
+}
+
+/** The sites a layout's IA3 targets fall in, in IA3_SITES order. */
+export function ia3Sites(
+  spec: Parameters<typeof projectionDims>[0],
+  targets: readonly Projection[],
+): Ia3SiteLayout[] {
+  const sites: Ia3SiteLayout[] = [];
+  for (const [site, projections] of Object.entries(IA3_SITES) as [Ia3Site, readonly Projection[]][]) {
+    if (!projections.some((m) => targets.includes(m))) continue;
+    const columns = new Map<Projection, number>();
+    let width = 0;
+    for (const m of projections) {
+      if (targets.includes(m)) columns.set(m, width);
+      width += ia3Dim(spec, m);
+    }
+    sites.push({ site, width, columns });
+  }
+  return sites;
+}
+
 export const BOTTLENECK_PLACES = ["attn", "mlp"] as const;
 export type BottleneckPlace = (typeof BOTTLENECK_PLACES)[number];
 
@@ -69,7 +111,7 @@ export const INPUT = {
   pastValue: (layer: number) => `past_value.${layer}`,
   loraA: (layer: number, m: Projection) => `lora_a.${layer}.${m}`,
   loraB: (layer: number, m: Projection) => `lora_b.${layer}.${m}`,
-  ia3: (m: Projection) => `ia3.${m}`,
+  ia3: (site: Ia3Site) => `ia3.${site}`,
   bottleneckDown: (p: BottleneckPlace) => `bottleneck_down.${p}`,
   bottleneckDownBias: (p: BottleneckPlace) => `bottleneck_down_bias.${p}`,
   bottleneckUp: (p: BottleneckPlace) => `bottleneck_up.${p}`,

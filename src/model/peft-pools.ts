@@ -8,8 +8,10 @@
 import {
   BOTTLENECK_PLACES,
   type BottleneckPlace,
+  type Ia3Site,
+  type Ia3SiteLayout,
   INPUT,
-  ia3Dim,
+  ia3Sites,
   moduleKey,
   type PeftLayout,
   type Projection,
@@ -36,7 +38,9 @@ const f32 = (data: Float32Array, dims: number[]): FeedValue => ({ type: "float32
 
 export class PeftPools {
   private lora = new Map<Projection, { a: Float32Array; b: Float32Array }>();
-  private ia3 = new Map<Projection, Float32Array>();
+  /** one pool per IA3 site of the layout (contract.ts IA3_SITES) */
+  private ia3 = new Map<Ia3Site, Float32Array>();
+  private readonly ia3Sites: readonly Ia3SiteLayout[];
   private bottleneck = new Map<
     BottleneckPlace,
     { down: Float32Array; downBias: Float32Array; up: Float32Array; upBias: Float32Array }
@@ -60,12 +64,12 @@ export class PeftPools {
     const L = spec.numLayers;
     const D = spec.hiddenSize;
     this.loraRows = new LoraRows(spec);
+    this.ia3Sites = ia3Sites(spec, layout.ia3Targets);
     const identity: Record<string, FeedValue> = {};
     this.defaults = identity;
     for (const m of layout.loraTargets) Object.assign(identity, this.zeroRankLora(m));
-    for (const m of layout.ia3Targets) {
-      const dim = ia3Dim(spec, m);
-      identity[INPUT.ia3(m)] = f32(new Float32Array(L * dim).fill(1), [L, dim]);
+    for (const { site, width } of this.ia3Sites) {
+      identity[INPUT.ia3(site)] = f32(new Float32Array(L * width).fill(1), [L, width]);
     }
     if (layout.bottleneck) {
       for (const p of BOTTLENECK_PLACES) {
@@ -105,8 +109,8 @@ export class PeftPools {
         this.lora.set(m, { a: new Float32Array(rows * inDim * r), b: new Float32Array(rows * r * outDim) });
       }
     } else if (kind === "ia3" && this.ia3.size === 0) {
-      for (const m of this.layout.ia3Targets) {
-        this.ia3.set(m, new Float32Array(this.rows(capacity.ia3Slots) * ia3Dim(spec, m)).fill(1));
+      for (const { site, width } of this.ia3Sites) {
+        this.ia3.set(site, new Float32Array(this.rows(capacity.ia3Slots) * width).fill(1));
       }
     } else if (kind === "bottleneck" && this.bottleneck.size === 0) {
       const rows = this.rows(capacity.bottleneckSlots);
@@ -132,9 +136,11 @@ export class PeftPools {
       const row = slot * L + l;
       if (kind === "lora") this.writeLora(row, l, slot, weights);
       if (kind === "ia3") {
-        for (const [m, pool] of this.ia3) {
-          const v = weights.ia3?.get(moduleKey(l, m));
-          if (v) pool.set(v, row * v.length);
+        for (const { site, width, columns } of this.ia3Sites) {
+          for (const [m, column] of columns) {
+            const v = weights.ia3?.get(moduleKey(l, m));
+            if (v) this.ia3.get(site)!.set(v, row * width + column);
+          }
         }
       }
       if (kind === "bottleneck") this.writeBottleneck(row, l, weights);
@@ -187,7 +193,7 @@ export class PeftPools {
         pool.b.fill(0, ...span(outDim * this.capacity.maxLoraRank));
       }
     } else if (kind === "ia3") {
-      for (const [m, pool] of this.ia3) pool.fill(1, ...span(ia3Dim(this.spec, m)));
+      for (const { site, width } of this.ia3Sites) this.ia3.get(site)?.fill(1, ...span(width));
     } else {
       const D = this.spec.hiddenSize;
       const size = this.capacity.maxBottleneckSize;
@@ -240,8 +246,8 @@ export class PeftPools {
       }
     }
     if (used.ia3 && this.ia3.size) {
-      for (const [m, pool] of this.ia3)
-        feeds[INPUT.ia3(m)] = f32(pool, [this.rows(this.capacity.ia3Slots), ia3Dim(this.spec, m)]);
+      for (const { site, width } of this.ia3Sites)
+        feeds[INPUT.ia3(site)] = f32(this.ia3.get(site)!, [this.rows(this.capacity.ia3Slots), width]);
     }
     if (used.bottleneck && this.bottleneck.size) {
       const rows = this.rows(this.capacity.bottleneckSlots);

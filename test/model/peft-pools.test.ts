@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { FULL_PEFT_LAYOUT, INPUT, moduleKey, projectionDims } from "../../src/model/contract.ts";
+import {
+  FULL_PEFT_LAYOUT,
+  INPUT,
+  ia3Dim,
+  ia3Sites,
+  moduleKey,
+  projectionDims,
+} from "../../src/model/contract.ts";
 import { LORA_ROWS_IDLE_STEPS } from "../../src/model/lora-rows.ts";
 import { PeftPools } from "../../src/model/peft-pools.ts";
 import { makeRandomModel } from "../helpers/random-model.ts";
@@ -169,7 +176,8 @@ test("a step feeds only what it changes; the defaults hold every pool input at i
   const loraStep = Object.keys(pools.feeds(on, BigInt64Array.of(1n)));
   assert.equal(loraStep.length, 2 * spec.numLayers, "a q-only LoRA step feeds q's A and B in every layer");
   for (const name of loraStep) assert.ok(name in pools.defaults, `${name} is a graph input with a default`);
-  const ia3Names = FULL_PEFT_LAYOUT.ia3Targets.map((m) => INPUT.ia3(m));
+  const ia3Names = ia3Sites(spec, FULL_PEFT_LAYOUT.ia3Targets).map(({ site }) => INPUT.ia3(site));
+  assert.equal(ia3Names.length, 4, "qkv, o_proj, gate_up and down_proj");
   for (const name of ia3Names) {
     assert.ok(
       pools.defaults[name]!.data.every((v) => v === 1),
@@ -200,4 +208,60 @@ test("the row copies are freed after a long run of steps without LoRA, and remad
       );
     }
   }
+});
+
+test("IA3 vectors land in their site's pool at their projection's columns; the rest stay ones", () => {
+  const layout = {
+    loraTargets: [],
+    ia3Targets: ["k_proj", "v_proj", "up_proj", "down_proj"] as Target[],
+    bottleneck: false,
+  };
+  const pools = new PeftPools(spec, layout, CAPACITY);
+  const sites = ia3Sites(spec, layout.ia3Targets);
+  assert.deepEqual(
+    sites.map((s) => s.site),
+    ["qkv", "gate_up", "down_proj"],
+    "o_proj has no target, so no pool",
+  );
+  const value = (l: number, m: Target) => 2 + l + layout.ia3Targets.indexOf(m) / 10;
+  const ia3 = new Map<string, Float32Array>();
+  for (let l = 0; l < spec.numLayers; l++)
+    for (const m of ["k_proj", "up_proj", "down_proj"] as const)
+      ia3.set(moduleKey(l, m), new Float32Array(ia3Dim(spec, m)).fill(value(l, m)));
+  pools.writeSlot("ia3", 2, { ia3 });
+  const feeds = pools.feeds({ lora: false, ia3: true, bottleneck: false });
+  const L = spec.numLayers;
+  for (const { site, width } of sites) {
+    const pool = feeds[INPUT.ia3(site)]!;
+    assert.deepEqual(pool.dims, [(CAPACITY.ia3Slots + 1) * L, width], `${site} pool shape`);
+    const data = pool.data as Float32Array;
+    for (let slot = 0; slot <= CAPACITY.ia3Slots; slot++) {
+      for (let l = 0; l < L; l++) {
+        const row = data.subarray((slot * L + l) * width, (slot * L + l + 1) * width);
+        let column = 0;
+        for (const m of {
+          qkv: ["q_proj", "k_proj", "v_proj"],
+          gate_up: ["gate_proj", "up_proj"],
+          down_proj: ["down_proj"],
+        }[site as "qkv"] as Target[]) {
+          const dim = ia3Dim(spec, m);
+          const expected = slot === 2 && ia3.has(moduleKey(l, m)) ? value(l, m) : 1;
+          const part = row.subarray(column, column + dim);
+          assert.ok(
+            part.every((v) => Math.abs(v - expected) < 1e-6),
+            `slot ${slot} layer ${l} ${m} holds ${expected}`,
+          );
+          column += dim;
+        }
+        assert.equal(column, width, `${site} width`);
+      }
+    }
+  }
+  pools.clearSlot("ia3", 2);
+  const cleared = pools.feeds({ lora: false, ia3: true, bottleneck: false });
+  for (const { site } of sites)
+    assert.ok(
+      (cleared[INPUT.ia3(site)]!.data as Float32Array).every((v) => v === 1),
+      `${site} cleared to ones`,
+    );
 });

@@ -4,10 +4,13 @@
  */
 import type { BaseWeights } from "../checkpoint.ts";
 import {
+  ADAPTER_POOL_KINDS,
+  type AdapterPoolKind,
   BOTTLENECK_PLACES,
   type BottleneckPlace,
-  IA3_INPUT_SCALED,
+  type Ia3Site,
   INPUT,
+  ia3Sites,
   OUTPUT,
   type PeftLayout,
   type Projection,
@@ -74,9 +77,44 @@ function concatVectors(parts: Float32Array[]): Float32Array {
   return out;
 }
 
-/** One layer of the PEFT paths: its index (LoRA weights are fed per layer) and its pool rows. */
+/** One copy of the decoder: the PEFT paths it carries (null: none) and the slot kinds it serves. */
+export interface DecoderVariant {
+  name: string;
+  layout: PeftLayout | null;
+  kinds: AdapterPoolKind[];
+}
+
+/**
+ * The decoder copies a graph with `layout` holds, cheapest first: one without PEFT paths; when the layout has
+ * more than one kind, one per kind with only that kind's paths; and one with all of them (steps mixing kinds).
+ */
+export function decoderVariants(layout: PeftLayout): DecoderVariant[] {
+  const only: Record<AdapterPoolKind, PeftLayout> = {
+    lora: { loraTargets: layout.loraTargets, ia3Targets: [], bottleneck: false },
+    ia3: { loraTargets: [], ia3Targets: layout.ia3Targets, bottleneck: false },
+    bottleneck: { loraTargets: [], ia3Targets: [], bottleneck: layout.bottleneck },
+  };
+  const kinds = ADAPTER_POOL_KINDS.filter((k) =>
+    k === "bottleneck"
+      ? layout.bottleneck
+      : (k === "lora" ? layout.loraTargets : layout.ia3Targets).length > 0,
+  );
+  const variants: DecoderVariant[] = [{ name: "base", layout: null, kinds: [] }];
+  if (kinds.length > 1) {
+    // Bottleneck-only steps are rare enough (Houlsby adapters) to share the all-paths copy.
+    for (const k of kinds.filter((k) => k !== "bottleneck"))
+      variants.push({ name: k, layout: only[k], kinds: [k] });
+  }
+  if (kinds.length > 0) variants.push({ name: "all", layout, kinds });
+  return variants;
+}
+
+/** One layer of the PEFT paths: its index (LoRA weights are fed per layer), its pool rows, the paths built. */
 interface LayerRows {
   layer: number;
+  /** the PEFT paths this decoder copy carries */
+  layout: PeftLayout;
+  ia3Sites: ReadonlySet<Ia3Site>;
   /** slot * numLayers + layer per row, [B, 1] */
   ia3: string;
   bottleneck: string;
@@ -90,8 +128,8 @@ interface Shared {
   /** the same as [B, 1]: Gathers of vectors then yield [B, 1, dim], ready to broadcast over T */
   ia3Row: string;
   bottleneckRow1: string;
-  /** bool scalar: some row of this step uses a LoRA, IA3 or bottleneck slot (slot > 0) */
-  peftUsed: string;
+  /** per kind, a bool scalar: some row of this step uses a slot of that kind (slot > 0) */
+  used: Record<AdapterPoolKind, string>;
   cos: string;
   sin: string;
   /** the same tables times 1/sqrt(head size), for queries: attention then needs no scaling node (see rotary) */
@@ -157,14 +195,16 @@ class LlamaGraph {
   }
 
   /**
-   * The decoder is built twice over the same weights: with the PEFT paths and without, as the two branches of
-   * one If on "does any row of this step use an adapter slot". A base-only step (the common case) then runs none
-   * of the ~75 nodes a layer the PEFT paths take even when every pool is the zero-rank identity (measured at
-   * 15-25% of a batch-1 decode step); the If itself costs microseconds, and the weights are stored once.
+   * The decoder is built once per variant (decoderVariants) over the same weights, each copy the `then` branch of
+   * its own top-level If; exactly one condition holds per step, and the other Ifs return empty tensors that the
+   * final Concats pass over. A step runs only the PEFT nodes its rows' kinds need: a base-only step none of the
+   * ~75 a layer that every PEFT path takes even at zero rank (15-25% of a batch-1 decode step), an IA3-only step
+   * not the LoRA and bottleneck ones (batch 1: 26.3 -> 22.8 ms). The copies sit side by side, not nested:
+   * onnxruntime prepacks a weight for subgraphs one level below the graph that holds it only, and nested copies
+   * ran unpacked (docs/weight-formats.md). Each If costs microseconds; the weights are stored once.
    */
   build(weights: BaseWeights): GraphBuilder {
     const g = this.g;
-    const { peft } = this.options;
     const shared = this.declareInputs();
     const params = this.storeWeights(weights);
     const h = this.embeddings(params.embed);
@@ -172,30 +212,88 @@ class LlamaGraph {
       axis: -1,
       epsilon: this.eps,
     });
-    const hasPeft = peft.loraTargets.length > 0 || peft.ia3Targets.length > 0 || peft.bottleneck;
-    const outs = hasPeft
-      ? this.ifElse(
-          shared.peftUsed,
-          () => this.decoder(params, x, h, shared, true),
-          () => this.decoder(params, x, h, shared, false),
-          "peft",
-        )
-      : this.decoder(params, x, h, shared, false);
     // [key 0, value 0, key 1, ...] stacked along the batch axis: one output for the runner to fetch.
-    const newKv = g.op1("Concat", outs.slice(1), { axis: 0 });
+    const stackKv = (outs: string[]) => g.op1("Concat", outs.slice(1), { axis: 0 });
+    const variants = decoderVariants(this.options.peft);
+    let final: string;
+    let newKv: string;
+    if (variants.length === 1) {
+      const outs = this.decoder(params, x, h, shared, null);
+      final = outs[0]!;
+      newKv = stackKv(outs);
+    } else {
+      const chosen = this.variantConditions(variants, shared);
+      const none = g.int64([0]);
+      const emptyHidden = g.op1("Slice", [x, none, none, none]); // [0, T, D]
+      const emptyKv = g.op1("Slice", [emptyHidden, none, g.int64([this.kvDim]), g.int64([2])]); // [0, T, KVD]
+      const results = variants.map((variant, i) =>
+        this.ifElse(
+          chosen[i]!,
+          () => {
+            const outs = this.decoder(params, x, h, shared, variant.layout);
+            return [outs[0]!, stackKv(outs)];
+          },
+          () => [emptyHidden, emptyKv],
+          `decoder_${variant.name}`,
+        ),
+      );
+      final = g.op1(
+        "Concat",
+        results.map((r) => r[0]!),
+        { axis: 0 },
+      );
+      newKv = g.op1(
+        "Concat",
+        results.map((r) => r[1]!),
+        { axis: 0 },
+      );
+    }
     g.output(OUTPUT.newKv, newKv, DataType.FLOAT, ["kv_rows", "seq", this.kvDim]);
-    this.logits(outs[0]!, params);
+    this.logits(final, params);
     return g;
   }
 
-  /** All layers; returns [final normed hidden, key 0, value 0, key 1, ...]. */
-  private decoder(params: ModelParams, x0: string, h0: string, shared: Shared, withPeft: boolean): string[] {
+  /**
+   * Per variant, a bool scalar: this step runs that copy. A variant serves a step when every kind the step uses
+   * is among its kinds; the first such variant (cheapest) is chosen.
+   */
+  private variantConditions(variants: DecoderVariant[], shared: Shared): string[] {
+    const { g } = this;
+    const chained = (op: "And" | "Or", values: string[]) => values.reduce((acc, v) => g.op1(op, [acc, v]));
+    const taken: string[] = [];
+    return variants.map((variant) => {
+      const unserved = ADAPTER_POOL_KINDS.filter((k) => !variant.kinds.includes(k)).map(
+        (k) => shared.used[k],
+      );
+      const serves = unserved.length ? g.op1("Not", [chained("Or", unserved)]) : null;
+      const earlier = taken.length ? g.op1("Not", [chained("Or", taken)]) : null;
+      // Only a single variant would have neither part, and a single variant needs no condition.
+      const condition = chained(
+        "And",
+        [serves, earlier].filter((c): c is string => c !== null),
+      );
+      taken.push(condition);
+      return condition;
+    });
+  }
+
+  /** All layers, with the PEFT paths of `layout` (null: none); returns [final normed hidden, key 0, value 0, ...]. */
+  private decoder(
+    params: ModelParams,
+    x0: string,
+    h0: string,
+    shared: Shared,
+    layout: PeftLayout | null,
+  ): string[] {
     const kv: string[] = [];
     let x = x0;
     let h = h0;
+    const sites = layout
+      ? new Set(ia3Sites(this.spec, layout.ia3Targets).map((s) => s.site))
+      : new Set<Ia3Site>();
     for (let l = 0; l < this.spec.numLayers; l++) {
       const p = params.layers[l]!;
-      const rows = withPeft ? this.layerRows(l, shared) : null;
+      const rows = layout ? this.layerRows(l, shared, layout, sites) : null;
       const attn = this.attention(l, p, x, rows, shared);
       kv.push(attn.key, attn.value);
       const [x2, h2] = this.skipNorm(attn.out, h, p.postNorm);
@@ -225,12 +323,17 @@ class LlamaGraph {
     const axis1 = g.int64([1]);
     const bottleneckRow = slotRow(INPUT.bottleneckSlot);
     // The runner feeds all-zero slots for a kind no row uses (slot 0 is every kind's identity).
-    const maxSlot = (slot: string) => g.op1("ReduceMax", [slot], { keepdims: 0 });
+    const anyRow = (slot: string) =>
+      g.op1("Greater", [g.op1("ReduceMax", [slot], { keepdims: 0 }), g.int64([0], [])]);
     const shared: Shared = {
       ia3Row: g.op1("Unsqueeze", [slotRow(INPUT.ia3Slot), axis1]),
       bottleneckRow,
       bottleneckRow1: g.op1("Unsqueeze", [bottleneckRow, axis1]),
-      peftUsed: g.op1("Greater", [g.op1("Max", slots.map(maxSlot)), g.int64([0], [])]),
+      used: {
+        lora: anyRow(INPUT.loraSlot),
+        ia3: anyRow(INPUT.ia3Slot),
+        bottleneck: anyRow(INPUT.bottleneckSlot),
+      },
       cos: "",
       sin: "",
       cosQuery: "",
@@ -248,9 +351,8 @@ class LlamaGraph {
         g.input(INPUT.loraB(l, m), DataType.FLOAT, [`lora_rows_${m}`, `lora_rank_${m}`, outDim]);
       }
     }
-    for (const m of peft.ia3Targets) {
-      const { inDim, outDim } = projectionDims(spec, m);
-      g.input(INPUT.ia3(m), DataType.FLOAT, ["ia3_rows", IA3_INPUT_SCALED.includes(m) ? inDim : outDim]);
+    for (const { site, width } of ia3Sites(spec, peft.ia3Targets)) {
+      g.input(INPUT.ia3(site), DataType.FLOAT, ["ia3_rows", width]);
     }
     if (peft.bottleneck) {
       for (const p of BOTTLENECK_PLACES) {
@@ -435,16 +537,22 @@ class LlamaGraph {
     return [outs[0]!, outs[3]!];
   }
 
-  /** Pool rows of layer l for the PEFT paths the layout has. */
-  private layerRows(l: number, shared: Shared): LayerRows {
+  /** Pool rows of layer l for the PEFT paths `layout` has. */
+  private layerRows(
+    l: number,
+    shared: Shared,
+    layout: PeftLayout,
+    ia3Sites: ReadonlySet<Ia3Site>,
+  ): LayerRows {
     const { g } = this;
-    const { peft } = this.options;
     const row = (sharedRow: string, on: boolean) => (on ? g.op1("Add", [sharedRow, g.int64([l], [])]) : "");
     return {
       layer: l,
-      ia3: row(shared.ia3Row, peft.ia3Targets.length > 0),
-      bottleneck: row(shared.bottleneckRow, peft.bottleneck),
-      bottleneck1: row(shared.bottleneckRow1, peft.bottleneck),
+      layout,
+      ia3Sites,
+      ia3: row(shared.ia3Row, layout.ia3Targets.length > 0),
+      bottleneck: row(shared.bottleneckRow, layout.bottleneck),
+      bottleneck1: row(shared.bottleneckRow1, layout.bottleneck),
     };
   }
 
@@ -478,26 +586,25 @@ class LlamaGraph {
     return g.op("If", [cond], { outputs: n, attrs: { then_branch: thenBranch, else_branch: elseBranch } });
   }
 
-  /** PEFT additions on one projection: y + (x A_s) B_s, then IA3 output scaling (no-ops without rows). */
-  private peftProjection(m: Projection, x: string, y: string, rows: LayerRows | null): string {
-    if (!rows) return y;
+  /** The LoRA addition on one projection's output y: y + (x A_s) B_s (a no-op without rows). */
+  private lora(m: Projection, x: string, y: string, rows: LayerRows | null): string {
+    if (!rows || !rows.layout.loraTargets.includes(m)) return y;
     const { g } = this;
-    const { peft } = this.options;
-    let out = y;
-    if (peft.loraTargets.includes(m)) {
-      const a = INPUT.loraA(rows.layer, m); // [B, in, r]
-      const b = INPUT.loraB(rows.layer, m); // [B, r, out]
-      out = g.op1("Add", [out, g.op1("MatMul", [g.op1("MatMul", [x, a]), b])]);
-    }
-    if (peft.ia3Targets.includes(m) && !IA3_INPUT_SCALED.includes(m)) {
-      out = g.op1("Mul", [out, this.ia3Scale(m, rows)]);
-    }
-    return out;
+    const a = INPUT.loraA(rows.layer, m); // [B, in, r]
+    const b = INPUT.loraB(rows.layer, m); // [B, r, out]
+    return g.op1("Add", [y, g.op1("MatMul", [g.op1("MatMul", [x, a]), b])]);
   }
 
-  /** [B, 1, dim] scale vector for one sequence row. */
-  private ia3Scale(m: Projection, rows: LayerRows): string {
-    return this.g.op1("Gather", [INPUT.ia3(m), rows.ia3]);
+  /**
+   * y times each row's IA3 vector at `site` (a no-op without rows or when the layout scales nothing there).
+   * Output sites are scaled on the fused product, before the split and before LoRA additions: a task carries one
+   * adapter (adapters/formats/task-folder.ts), so a row's LoRA addition is zero or its IA3 vector is all-ones, and
+   * (y + d) * s = y * s + d either way.
+   */
+  private ia3(site: Ia3Site, y: string, rows: LayerRows | null): string {
+    if (!rows || !rows.ia3Sites.has(site)) return y;
+    const scale = this.g.op1("Gather", [INPUT.ia3(site), rows.ia3]); // [B, 1, width]
+    return this.g.op1("Mul", [y, scale]);
   }
 
   private attention(
@@ -508,25 +615,15 @@ class LlamaGraph {
     shared: Shared,
   ): { out: string; key: string; value: string } {
     const { g, spec, qDim, kvDim } = this;
-    const qkv = this.linear(x, p.qkv);
+    const qkv = this.ia3("qkv", this.linear(x, p.qkv), rows);
     const [q0, k0, v0] = g.op("Split", [qkv, g.int64([qDim, kvDim, kvDim])], {
       outputs: 3,
       attrs: { axis: -1 },
     });
     // q comes out scaled by 1/sqrt(head size) (shared.cosQuery), so neither attention path scales again.
-    const q = this.rotary(
-      this.peftProjection("q_proj", x, q0!, rows),
-      spec.numHeads,
-      shared.cosQuery,
-      shared.sinQuery,
-    );
-    const k = this.rotary(
-      this.peftProjection("k_proj", x, k0!, rows),
-      spec.numKvHeads,
-      shared.cos,
-      shared.sin,
-    );
-    const v = this.peftProjection("v_proj", x, v0!, rows);
+    const q = this.rotary(this.lora("q_proj", x, q0!, rows), spec.numHeads, shared.cosQuery, shared.sinQuery);
+    const k = this.rotary(this.lora("k_proj", x, k0!, rows), spec.numKvHeads, shared.cos, shared.sin);
+    const v = this.lora("v_proj", x, v0!, rows);
     const [attn] = this.ifElse(
       shared.isDecode,
       () => [this.decodeAttention(l, q, k, v, shared)],
@@ -545,7 +642,7 @@ class LlamaGraph {
       },
       `attention_${l}`,
     );
-    const o = this.peftProjection("o_proj", attn!, this.linear(attn!, p.o), rows);
+    const o = this.lora("o_proj", attn!, this.ia3("o_proj", this.linear(attn!, p.o), rows), rows);
     return { out: this.bottleneck("attn", o, rows), key: k, value: v };
   }
 
@@ -618,20 +715,22 @@ class LlamaGraph {
   private mlp(p: LayerParams, x: string, rows: LayerRows | null): string {
     const { g } = this;
     const ff = this.spec.intermediateSize;
-    const gu = this.linear(x, p.gateUp);
+    const gu = this.ia3("gate_up", this.linear(x, p.gateUp), rows);
     const [gate0, up0] = g.op("Split", [gu, g.int64([ff, ff])], { outputs: 2, attrs: { axis: -1 } });
-    const gate = this.peftProjection("gate_proj", x, gate0!, rows);
-    const up = this.peftProjection("up_proj", x, up0!, rows);
-    let act = g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up]);
-    if (rows && this.options.peft.ia3Targets.includes("down_proj"))
-      act = g.op1("Mul", [act, this.ia3Scale("down_proj", rows)]);
-    const down = this.peftProjection("down_proj", act, this.linear(act, p.down), rows);
+    const gate = this.lora("gate_proj", x, gate0!, rows);
+    const up = this.lora("up_proj", x, up0!, rows);
+    const act = this.ia3(
+      "down_proj",
+      g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up]),
+      rows,
+    );
+    const down = this.lora("down_proj", act, this.linear(act, p.down), rows);
     return this.bottleneck("mlp", down, rows);
   }
 
   /** Houlsby adapter on a sublayer output: out + silu(out Wd + bd) Wu + bu (slot 0: zeros = identity). */
   private bottleneck(p: BottleneckPlace, out: string, rows: LayerRows | null): string {
-    if (!rows || !this.options.peft.bottleneck) return out;
+    if (!rows || !rows.layout.bottleneck) return out;
     const { g } = this;
     const down = g.op1("Gather", [INPUT.bottleneckDown(p), rows.bottleneck]); // [B, D, rb]
     const downBias = g.op1("Gather", [INPUT.bottleneckDownBias(p), rows.bottleneck1]); // [B, 1, rb]
