@@ -772,6 +772,16 @@ export const GRAPH_OPSETS = [
   { domain: "com.microsoft", version: 1 },
 ];
 
+/** The graph's nodes, inputs and weights, not yet serialized (buildLlamaGraph writes them). */
+export function llamaGraph(
+  spec: ModelSpec,
+  weights: BaseWeights,
+  options: GraphOptions,
+  weightsFileName: string,
+): GraphBuilder {
+  return new LlamaGraph(spec, options, weightsFileName).build(weights);
+}
+
 /** Build the graph: writes the external weights file and returns the model proto bytes. */
 export function buildLlamaGraph(
   spec: ModelSpec,
@@ -779,7 +789,7 @@ export function buildLlamaGraph(
   options: GraphOptions,
   out: { weightsPath: string; weightsFileName: string },
 ): { modelBytes: Uint8Array; weightBytes: number; numNodes: number } {
-  const g = new LlamaGraph(spec, options, out.weightsFileName).build(weights);
+  const g = llamaGraph(spec, weights, options, out.weightsFileName);
   const modelBytes = g.finish({
     weightsPath: out.weightsPath,
     opsets: GRAPH_OPSETS,

@@ -1,0 +1,75 @@
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { decoderVariants, llamaGraph } from "../../../src/model/builder/llama-graph.ts";
+import type { GraphSpec, NodeSpec } from "../../../src/model/builder/onnx-proto.ts";
+import { FULL_PEFT_LAYOUT, type PeftLayout, PROJECTIONS } from "../../../src/model/contract.ts";
+import { makeRandomModel } from "../../helpers/random-model.ts";
+
+const NONE: PeftLayout = { loraTargets: [], ia3Targets: [], bottleneck: false };
+const names = (layout: PeftLayout) => decoderVariants(layout).map((v) => `${v.name}:${v.kinds.join("+")}`);
+
+test("decoder variants: a copy per adapter kind when the layout has several, one with every path last", () => {
+  assert.deepEqual(names(NONE), ["base:"]);
+  assert.deepEqual(names({ ...NONE, loraTargets: ["q_proj"] }), ["base:", "all:lora"]);
+  assert.deepEqual(names({ ...NONE, bottleneck: true }), ["base:", "all:bottleneck"]);
+  assert.deepEqual(names(FULL_PEFT_LAYOUT), ["base:", "lora:lora", "ia3:ia3", "all:lora+ia3+bottleneck"]);
+  assert.deepEqual(names({ ...NONE, ia3Targets: ["k_proj"], bottleneck: true }), [
+    "base:",
+    "ia3:ia3",
+    "all:ia3+bottleneck",
+  ]);
+  const [, lora, ia3, all] = decoderVariants(FULL_PEFT_LAYOUT);
+  assert.deepEqual(lora!.layout, { loraTargets: [...PROJECTIONS], ia3Targets: [], bottleneck: false });
+  assert.deepEqual(ia3!.layout, { loraTargets: [], ia3Targets: [...PROJECTIONS], bottleneck: false });
+  assert.deepEqual(all!.layout, FULL_PEFT_LAYOUT);
+});
+
+/** Every value a subgraph's nodes read, nested subgraphs included. */
+function readsOf(graph: GraphSpec): Set<string> {
+  const reads = new Set<string>();
+  const visit = (nodes: NodeSpec[]) => {
+    for (const node of nodes) {
+      for (const input of node.inputs) reads.add(input);
+      for (const attr of Object.values(node.attributes ?? {}))
+        if (typeof attr === "object" && attr !== null && "graph" in attr) visit(attr.graph.nodes);
+    }
+  };
+  visit(graph.nodes);
+  return reads;
+}
+
+test("each decoder copy is a top-level If whose branch reads only its own kinds' adapter inputs", () => {
+  const { spec, weights } = makeRandomModel({}, 3);
+  const g = llamaGraph(spec, weights, { peft: FULL_PEFT_LAYOUT, rope: "contrib" }, "w.bin");
+  const decoders = g.nodes.filter((n) => n.opType === "If" && n.name.length > 0);
+  const branches = new Map<string, Set<string>>();
+  for (const node of decoders) {
+    const then = node.attributes?.then_branch;
+    if (
+      typeof then === "object" &&
+      then !== null &&
+      "graph" in then &&
+      then.graph.name.startsWith("decoder_")
+    )
+      branches.set(then.graph.name, readsOf(then.graph));
+  }
+  assert.deepEqual(
+    [...branches.keys()],
+    ["decoder_base_then", "decoder_lora_then", "decoder_ia3_then", "decoder_all_then"],
+    "four copies side by side at the top level",
+  );
+  const kindOf = (input: string) =>
+    input.startsWith("lora_a.") || input.startsWith("lora_b.")
+      ? "lora"
+      : input.startsWith("ia3.")
+        ? "ia3"
+        : input.startsWith("bottleneck_")
+          ? "bottleneck"
+          : null;
+  const kindsRead = (name: string) =>
+    [...new Set([...branches.get(name)!].map(kindOf).filter((k) => k !== null))].sort();
+  assert.deepEqual(kindsRead("decoder_base_then"), []);
+  assert.deepEqual(kindsRead("decoder_lora_then"), ["lora"]);
+  assert.deepEqual(kindsRead("decoder_ia3_then"), ["ia3"]);
+  assert.deepEqual(kindsRead("decoder_all_then"), ["bottleneck", "ia3", "lora"]);
+});
