@@ -77,6 +77,13 @@ function concatVectors(parts: Float32Array[]): Float32Array {
   return out;
 }
 
+/**
+ * Decode steps (one new token a row) read the past in place (decodeAttention); other steps run onnxruntime's
+ * Attention kernel. Each variant is built once per phase, so no layer needs an If of its own.
+ */
+type Phase = "decode" | "prefill";
+const PHASES: readonly Phase[] = ["decode", "prefill"];
+
 /** One copy of the decoder: the PEFT paths it carries (null: none) and the slot kinds it serves. */
 export interface DecoderVariant {
   name: string;
@@ -195,13 +202,14 @@ class LlamaGraph {
   }
 
   /**
-   * The decoder is built once per variant (decoderVariants) over the same weights, each copy the `then` branch of
-   * its own top-level If; exactly one condition holds per step, and the other Ifs return empty tensors that the
-   * final Concats pass over. A step runs only the PEFT nodes its rows' kinds need: a base-only step none of the
-   * ~75 a layer that every PEFT path takes even at zero rank (15-25% of a batch-1 decode step), an IA3-only step
-   * not the LoRA and bottleneck ones (batch 1: 26.3 -> 22.8 ms). The copies sit side by side, not nested:
-   * onnxruntime prepacks a weight for subgraphs one level below the graph that holds it only, and nested copies
-   * ran unpacked (docs/weight-formats.md). Each If costs microseconds; the weights are stored once.
+   * The decoder is built once per variant (decoderVariants) and phase (decode or prefill) over the same weights,
+   * each copy the `then` branch of its own top-level If; exactly one condition holds per step, and the other Ifs
+   * return empty tensors that the final Concats pass over. A step runs only the PEFT nodes its rows' kinds need: a
+   * base-only step none of the ~75 a layer that every PEFT path takes even at zero rank (15-25% of a batch-1
+   * decode step), an IA3-only step not the LoRA and bottleneck ones (batch 1: 26.3 -> 22.8 ms); and no layer
+   * needs an If to pick its attention (batch 1: 1.045x). The copies sit side by side, not nested: onnxruntime
+   * prepacks a weight for subgraphs one level below the graph that holds it only, and nested copies ran unpacked
+   * (docs/weight-formats.md). Each If costs microseconds; the weights are stored once.
    */
   build(weights: BaseWeights): GraphBuilder {
     const g = this.g;
@@ -215,39 +223,39 @@ class LlamaGraph {
     // [key 0, value 0, key 1, ...] stacked along the batch axis: one output for the runner to fetch.
     const stackKv = (outs: string[]) => g.op1("Concat", outs.slice(1), { axis: 0 });
     const variants = decoderVariants(this.options.peft);
-    let final: string;
-    let newKv: string;
-    if (variants.length === 1) {
-      const outs = this.decoder(params, x, h, shared, null);
-      final = outs[0]!;
-      newKv = stackKv(outs);
-    } else {
-      const chosen = this.variantConditions(variants, shared);
-      const none = g.int64([0]);
-      const emptyHidden = g.op1("Slice", [x, none, none, none]); // [0, T, D]
-      const emptyKv = g.op1("Slice", [emptyHidden, none, g.int64([this.kvDim]), g.int64([2])]); // [0, T, KVD]
-      const results = variants.map((variant, i) =>
+    const chosen = variants.length > 1 ? this.variantConditions(variants, shared) : [null];
+    const phaseIs: Record<Phase, string> = {
+      decode: shared.isDecode,
+      prefill: g.op1("Not", [shared.isDecode]),
+    };
+    // Gathers, not Slices: onnxruntime's basic optimizations try to drop a Slice to [0, 0) as a no-op (they stop
+    // only because the result feeds subgraphs, and log a warning at every session start).
+    const emptyHidden = g.op1("Gather", [x, g.int64([], [0])], { axis: 0 }); // [0, T, D]
+    const kvColumns = g.int64(Array.from({ length: this.kvDim }, (_, i) => i));
+    const emptyKv = g.op1("Gather", [emptyHidden, kvColumns], { axis: 2 }); // [0, T, KVD]
+    const results = variants.flatMap((variant, i) =>
+      PHASES.map((phase) =>
         this.ifElse(
-          chosen[i]!,
+          chosen[i] ? g.op1("And", [chosen[i], phaseIs[phase]]) : phaseIs[phase],
           () => {
-            const outs = this.decoder(params, x, h, shared, variant.layout);
+            const outs = this.decoder(params, x, h, shared, variant.layout, phase);
             return [outs[0]!, stackKv(outs)];
           },
           () => [emptyHidden, emptyKv],
-          `decoder_${variant.name}`,
+          `decoder_${variant.name}_${phase}`,
         ),
-      );
-      final = g.op1(
-        "Concat",
-        results.map((r) => r[0]!),
-        { axis: 0 },
-      );
-      newKv = g.op1(
-        "Concat",
-        results.map((r) => r[1]!),
-        { axis: 0 },
-      );
-    }
+      ),
+    );
+    const final = g.op1(
+      "Concat",
+      results.map((r) => r[0]!),
+      { axis: 0 },
+    );
+    const newKv = g.op1(
+      "Concat",
+      results.map((r) => r[1]!),
+      { axis: 0 },
+    );
     g.output(OUTPUT.newKv, newKv, DataType.FLOAT, ["kv_rows", "seq", this.kvDim]);
     this.logits(final, params);
     return g;
@@ -284,6 +292,7 @@ class LlamaGraph {
     h0: string,
     shared: Shared,
     layout: PeftLayout | null,
+    phase: Phase,
   ): string[] {
     const kv: string[] = [];
     let x = x0;
@@ -294,7 +303,7 @@ class LlamaGraph {
     for (let l = 0; l < this.spec.numLayers; l++) {
       const p = params.layers[l]!;
       const rows = layout ? this.layerRows(l, shared, layout, sites) : null;
-      const attn = this.attention(l, p, x, rows, shared);
+      const attn = this.attention(l, p, x, rows, shared, phase);
       kv.push(attn.key, attn.value);
       const [x2, h2] = this.skipNorm(attn.out, h, p.postNorm);
       const mlpOut = this.mlp(p, x2, rows);
@@ -613,6 +622,7 @@ class LlamaGraph {
     x: string,
     rows: LayerRows | null,
     shared: Shared,
+    phase: Phase,
   ): { out: string; key: string; value: string } {
     const { g, spec, qDim, kvDim } = this;
     const qkv = this.ia3("qkv", this.linear(x, p.qkv), rows);
@@ -624,25 +634,22 @@ class LlamaGraph {
     const q = this.rotary(this.lora("q_proj", x, q0!, rows), spec.numHeads, shared.cosQuery, shared.sinQuery);
     const k = this.rotary(this.lora("k_proj", x, k0!, rows), spec.numKvHeads, shared.cos, shared.sin);
     const v = this.lora("v_proj", x, v0!, rows);
-    const [attn] = this.ifElse(
-      shared.isDecode,
-      () => [this.decodeAttention(l, q, k, v, shared)],
-      () => {
-        // present_key/value are required outputs of the CPU kernel when a past is fed; nothing fetches them.
-        const past = (input: string) => g.op1("Squeeze", [input, g.int64([2])]); // the kernel's [B, KVH, P, HS]
-        const [out] = g.op(
-          "Attention",
-          [q, k, v, INPUT.attentionMask, past(INPUT.pastKey(l)), past(INPUT.pastValue(l))],
-          {
-            outputs: 3,
-            attrs: { q_num_heads: spec.numHeads, kv_num_heads: spec.numKvHeads, scale: { float: 1 } },
-          },
-        );
-        return [out!];
-      },
-      `attention_${l}`,
-    );
-    const o = this.lora("o_proj", attn!, this.ia3("o_proj", this.linear(attn!, p.o), rows), rows);
+    let attn: string;
+    if (phase === "decode") {
+      attn = this.decodeAttention(l, q, k, v, shared);
+    } else {
+      // present_key/value are required outputs of the CPU kernel when a past is fed; nothing fetches them.
+      const past = (input: string) => g.op1("Squeeze", [input, g.int64([2])]); // the kernel's [B, KVH, P, HS]
+      attn = g.op(
+        "Attention",
+        [q, k, v, INPUT.attentionMask, past(INPUT.pastKey(l)), past(INPUT.pastValue(l))],
+        {
+          outputs: 3,
+          attrs: { q_num_heads: spec.numHeads, kv_num_heads: spec.numKvHeads, scale: { float: 1 } },
+        },
+      )[0]!;
+    }
+    const o = this.lora("o_proj", attn, this.ia3("o_proj", this.linear(attn, p.o), rows), rows);
     return { out: this.bottleneck("attn", o, rows), key: k, value: v };
   }
 

@@ -38,7 +38,7 @@ function readsOf(graph: GraphSpec): Set<string> {
   return reads;
 }
 
-test("each decoder copy is a top-level If whose branch reads only its own kinds' adapter inputs", () => {
+test("each decoder copy is a top-level If whose branch reads only its own kinds' adapter inputs, one per phase", () => {
   const { spec, weights } = makeRandomModel({}, 3);
   const g = llamaGraph(spec, weights, { peft: FULL_PEFT_LAYOUT, rope: "contrib" }, "w.bin");
   const decoders = g.nodes.filter((n) => n.opType === "If" && n.name.length > 0);
@@ -53,11 +53,25 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
     )
       branches.set(then.graph.name, readsOf(then.graph));
   }
+  const copies = ["base", "lora", "ia3", "all"].flatMap((v) =>
+    ["decode", "prefill"].map((phase) => `decoder_${v}_${phase}_then`),
+  );
   assert.deepEqual(
     [...branches.keys()],
-    ["decoder_base_then", "decoder_lora_then", "decoder_ia3_then", "decoder_all_then"],
-    "four copies side by side at the top level",
+    copies,
+    "a copy per variant and phase, side by side at the top level",
   );
+  const opsIn = (name: string) => {
+    const node = decoders.find((n) => {
+      const then = n.attributes?.then_branch;
+      return typeof then === "object" && then !== null && "graph" in then && then.graph.name === name;
+    })!;
+    const then = node.attributes!.then_branch as { graph: GraphSpec };
+    return new Set(then.graph.nodes.map((n) => n.opType));
+  };
+  assert.ok(!opsIn("decoder_base_decode_then").has("Attention"), "decode copies read the past in place");
+  assert.ok(!opsIn("decoder_base_decode_then").has("If"), "no per-layer If in a copy");
+  assert.ok(opsIn("decoder_base_prefill_then").has("Attention"), "prefill copies use the Attention kernel");
   const kindOf = (input: string) =>
     input.startsWith("lora_a.") || input.startsWith("lora_b.")
       ? "lora"
@@ -68,8 +82,10 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
           : null;
   const kindsRead = (name: string) =>
     [...new Set([...branches.get(name)!].map(kindOf).filter((k) => k !== null))].sort();
-  assert.deepEqual(kindsRead("decoder_base_then"), []);
-  assert.deepEqual(kindsRead("decoder_lora_then"), ["lora"]);
-  assert.deepEqual(kindsRead("decoder_ia3_then"), ["ia3"]);
-  assert.deepEqual(kindsRead("decoder_all_then"), ["bottleneck", "ia3", "lora"]);
+  for (const phase of ["decode", "prefill"]) {
+    assert.deepEqual(kindsRead(`decoder_base_${phase}_then`), []);
+    assert.deepEqual(kindsRead(`decoder_lora_${phase}_then`), ["lora"]);
+    assert.deepEqual(kindsRead(`decoder_ia3_${phase}_then`), ["ia3"]);
+    assert.deepEqual(kindsRead(`decoder_all_${phase}_then`), ["bottleneck", "ia3", "lora"]);
+  }
 });
