@@ -1,9 +1,10 @@
 /**
  * @module model/peft-pools — fixed-size pools of resident PEFT weights, fed to the graph every step.
  * Slot 0 of every kind is the identity (LoRA zeros, IA3 ones, bottleneck zeros). Layout: see contract.ts
- * (row = slot * numLayers + layer). A step where no row uses a kind is fed a zero-rank identity pool,
- * so base-only batches pay only node overhead for the PEFT paths; likewise a LoRA projection that none of
- * the step's adapters targets is fed at rank 0. LoRA weights reach the graph as per-row copies (lora-rows.ts).
+ * (row = slot * numLayers + layer). A step where no row uses a kind is fed a zero-rank identity pool (the
+ * graph then runs a decoder copy without that kind's paths, so the pool costs only its binding); likewise a
+ * LoRA projection that none of the step's adapters targets is fed at rank 0. LoRA weights reach the graph as
+ * per-row copies (lora-rows.ts); IA3 vectors are pooled per site (contract.ts IA3_SITES).
  */
 import {
   BOTTLENECK_PLACES,
