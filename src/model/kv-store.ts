@@ -6,6 +6,12 @@
 
 interface SequenceKv {
   length: number;
+  /**
+   * Positions [0, synced) are in `keys`/`values`; [synced, length) exist only in the sequence's decode-mirror
+   * slot (decode steps write the mirror alone), and are copied back by `sync` before anything reads the buffers
+   * or the slot changes hands.
+   */
+  synced: number;
   capacity: number;
   /** per layer [KVH, capacity, HS] */
   keys: Float32Array[];
@@ -101,22 +107,47 @@ export class KvStore {
     if (this.sequences.size === 0) this.mirror = null;
   }
 
-  /** The sequence's mirror slot (if any) holds nothing from now on. */
+  /** The sequence's mirror slot (if any) holds nothing from now on (what only it held is synced first). */
   private vacate(seqId: number): void {
     const m = this.mirror;
     if (!m) return;
     const slot = m.rows.indexOf(seqId);
     if (slot >= 0) {
+      this.syncSlot(m, slot);
       m.rows[slot] = VACANT;
       m.lengths[slot] = 0;
     }
+  }
+
+  /** Copy the positions only the mirror holds back into the sequence's buffers. */
+  private sync(seqId: number): void {
+    const s = this.sequences.get(seqId);
+    const m = this.mirror;
+    if (!s || !m || s.synced >= s.length) return;
+    this.syncSlot(m, m.rows.indexOf(seqId));
+  }
+
+  private syncSlot(m: DecodeMirror, slot: number): void {
+    const s = this.sequences.get(m.rows[slot]!);
+    if (!s || s.synced >= s.length) return;
+    const { numLayers, numKvHeads, headDim } = this.shape;
+    const n = (s.length - s.synced) * headDim;
+    for (let l = 0; l < numLayers; l++) {
+      for (let h = 0; h < numKvHeads; h++) {
+        const src = ((slot * numKvHeads + h) * m.capacity + s.synced) * headDim;
+        const dst = (h * s.capacity + s.synced) * headDim;
+        copyFloats(s.keys[l]!, dst, m.buffers.keys[l]!, src, n);
+        copyFloats(s.values[l]!, dst, m.buffers.values[l]!, src, n);
+      }
+    }
+    s.synced = s.length;
   }
 
   private ensure(seqId: number, needed: number): SequenceKv {
     const { numLayers, numKvHeads, headDim } = this.shape;
     let s = this.sequences.get(seqId);
     if (!s) {
-      s = { length: 0, capacity: 0, keys: [], values: [] };
+      s = { length: 0, synced: 0, capacity: 0, keys: [], values: [] };
       this.sequences.set(seqId, s);
     }
     if (needed <= s.capacity) return s;
@@ -154,6 +185,7 @@ export class KvStore {
       }
     }
     s.length = length;
+    s.synced = length;
   }
 
   /** Past K/V of `seqIds` as [B, KVH, P, HS] views over scratch buffers (valid until the next call). */
@@ -171,6 +203,7 @@ export class KvStore {
       values.push(this.scratchValues[l]!.subarray(0, size));
     }
     seqIds.forEach((seqId, b) => {
+      this.sync(seqId);
       const s = this.sequences.get(seqId);
       const len = Math.min(s?.length ?? 0, pastLength);
       if (!s || len === 0) return;
@@ -256,6 +289,9 @@ export class KvStore {
     seqIds.forEach((seqId, b) => {
       if (slots[b] !== VACANT) return;
       const slot = free.pop()!;
+      // The new slot is filled from the row's buffers, and its old owner (a row this step leaves out) loses it.
+      this.sync(seqId);
+      this.syncSlot(m, slot);
       slots[b] = slot;
       m.rows[slot] = seqId;
       m.lengths[slot] = 0;
@@ -290,7 +326,10 @@ export class KvStore {
   /** A mirror of `rows` empty slots at `capacity`, over the old buffers when they are big enough. */
   private newMirror(rows: number, capacity: number): DecodeMirror {
     const { numLayers, numKvHeads, headDim } = this.shape;
-    const old = this.mirror?.buffers;
+    const previous = this.mirror;
+    // Every row starts over from its buffers (and the old buffers may be reused): sync what only they held.
+    if (previous) for (let slot = 0; slot < previous.rows.length; slot++) this.syncSlot(previous, slot);
+    const old = previous?.buffers;
     const size = rows * numKvHeads * capacity * headDim;
     const reuse = old !== undefined && old.keys[0]!.length >= size;
     const allocation = reuse ? old.keys[0]!.length : mirrorAllocation(this.shape, rows, capacity);
@@ -323,7 +362,8 @@ export class KvStore {
     const { numLayers, numKvHeads, headDim } = this.shape;
     const kvDim = numKvHeads * headDim;
     // A decode step's rows are mirror rows, fed in slot order (`seqIds` are the graph's rows): their new
-    // positions go into the mirror too, so the next step's assembleDecode finds nothing to copy.
+    // positions go into the mirror only (each a cache-missing write: writing the buffers too doubled the
+    // append), and reach the sequence's buffers when `sync` needs them there.
     const m = this.mirror;
     seqIds.forEach((seqId, b) => {
       const count = counts[b]!;
@@ -332,6 +372,7 @@ export class KvStore {
       const s = this.ensure(seqId, start + count);
       const intoMirror =
         m !== null && m.rows[b] === seqId && m.lengths[b] === start && start + count <= m.capacity;
+      if (!intoMirror) this.sync(seqId);
       for (let l = 0; l < numLayers; l++) {
         const nk = newKeys[l]!;
         const nv = newValues[l]!;
@@ -339,19 +380,21 @@ export class KvStore {
           const srcRow = (b * seqLen + t) * kvDim;
           for (let h = 0; h < numKvHeads; h++) {
             const src = srcRow + h * headDim;
-            const dst = (h * s.capacity + start + t) * headDim;
-            copyFloats(s.keys[l]!, dst, nk, src, headDim);
-            copyFloats(s.values[l]!, dst, nv, src, headDim);
             if (intoMirror) {
               const at = ((b * numKvHeads + h) * m.capacity + start + t) * headDim;
               copyFloats(m.buffers.keys[l]!, at, nk, src, headDim);
               copyFloats(m.buffers.values[l]!, at, nv, src, headDim);
+            } else {
+              const dst = (h * s.capacity + start + t) * headDim;
+              copyFloats(s.keys[l]!, dst, nk, src, headDim);
+              copyFloats(s.values[l]!, dst, nv, src, headDim);
             }
           }
         }
       }
       s.length = start + count;
       if (intoMirror) m.lengths[b] = start + count;
+      else s.synced = s.length;
     });
   }
 
@@ -359,6 +402,9 @@ export class KvStore {
   truncate(seqId: number, length: number): void {
     this.vacate(seqId);
     const s = this.sequences.get(seqId);
-    if (s && length < s.length) s.length = length;
+    if (s && length < s.length) {
+      s.length = length;
+      s.synced = Math.min(s.synced, length);
+    }
   }
 }

@@ -115,3 +115,126 @@ test("a row keeps its mirror slot while it decodes: one finishing moves no other
     "the moved row's past was copied in",
   );
 });
+
+test("each sequence's past is what was appended, though decode steps write the mirror alone", () => {
+  const rng = makeRng(21);
+  const kv = new KvStore(SHAPE);
+  /** per sequence, per layer: appended keys and values, position-major [length][KVH * HS] */
+  const shadow = new Map<number, { keys: number[][][]; values: number[][][] }>();
+  const append = (ids: number[], counts: number[]) => {
+    const seqLen = Math.max(...counts);
+    const fresh = () =>
+      Array.from({ length: SHAPE.numLayers }, () =>
+        Float32Array.from({ length: ids.length * seqLen * KV_DIM }, () => rng.uniform()),
+      );
+    const keys = fresh();
+    const values = fresh();
+    ids.forEach((id, b) => {
+      const s = shadow.get(id) ?? {
+        keys: Array.from({ length: SHAPE.numLayers }, () => []),
+        values: Array.from({ length: SHAPE.numLayers }, () => []),
+      };
+      shadow.set(id, s);
+      for (let l = 0; l < SHAPE.numLayers; l++) {
+        for (let t = 0; t < counts[b]!; t++) {
+          const at = (b * seqLen + t) * KV_DIM;
+          s.keys[l]!.push([...keys[l]!.subarray(at, at + KV_DIM)]);
+          s.values[l]!.push([...values[l]!.subarray(at, at + KV_DIM)]);
+        }
+      }
+    });
+    kv.append(ids, counts, seqLen, keys, values);
+  };
+  /** Head-major, like rowPast. */
+  const expected = (positions: number[][], length: number) => {
+    const out: number[] = [];
+    for (let h = 0; h < SHAPE.numKvHeads; h++)
+      for (let p = 0; p < length; p++)
+        out.push(...positions[p]!.slice(h * SHAPE.headDim, (h + 1) * SHAPE.headDim));
+    return out;
+  };
+  const checkAll = (when: string) => {
+    for (const [id, s] of shadow) {
+      const len = kv.lengthOf(id);
+      assert.equal(len, s.keys[0]!.length, `${when}: sequence ${id} length`);
+      const exact = kv.assemble([id], len);
+      for (let l = 0; l < SHAPE.numLayers; l++) {
+        assert.deepEqual(
+          rowPast(exact.keys[l]!, 0, len, len),
+          expected(s.keys[l]!, len),
+          `${when}: ${id} keys`,
+        );
+        assert.deepEqual(
+          rowPast(exact.values[l]!, 0, len, len),
+          expected(s.values[l]!, len),
+          `${when}: ${id} values`,
+        );
+      }
+    }
+  };
+  let nextId = 1;
+  const live: number[] = [];
+  const join = () => {
+    const id = nextId++;
+    live.push(id);
+    append([id], [1 + Math.floor(rng.uniform() * 20)]);
+  };
+  for (let i = 0; i < 4; i++) join();
+  let decodeSteps = 0;
+  const capacities = new Set<number>();
+  for (let step = 0; step < 150; step++) {
+    const roll = rng.uniform();
+    if (roll < 0.05 && live.length > 1) {
+      const id = live.splice(Math.floor(rng.uniform() * live.length), 1)[0]!;
+      kv.free(id);
+      shadow.delete(id);
+      join();
+    } else if (roll < 0.1) {
+      // A multi-token step for rows that have been decoding (their newest positions live in the mirror).
+      const ids = live.filter(() => rng.uniform() < 0.6);
+      if (ids.length)
+        append(
+          ids,
+          ids.map(() => 1 + Math.floor(rng.uniform() * 3)),
+        );
+    } else if (roll < 0.13) {
+      const id = live[Math.floor(rng.uniform() * live.length)]!;
+      const len = kv.lengthOf(id);
+      if (len > 2) {
+        kv.truncate(id, len - 1);
+        const s = shadow.get(id)!;
+        for (let l = 0; l < SHAPE.numLayers; l++) {
+          s.keys[l]!.pop();
+          s.values[l]!.pop();
+        }
+      }
+    } else {
+      // A decode step: some rows sit out, the rest in a shuffled order.
+      const rows = live.filter(() => rng.uniform() < 0.85).sort(() => rng.uniform() - 0.5);
+      if (!rows.length) continue;
+      const P = Math.max(...rows.map((id) => kv.lengthOf(id)));
+      const mirror = kv.assembleDecode(rows, P);
+      capacities.add(mirror.capacity);
+      const fed = fedOrder(rows, mirror.slots);
+      fed.forEach((id, slot) => {
+        const s = shadow.get(id)!;
+        const len = kv.lengthOf(id);
+        for (let l = 0; l < SHAPE.numLayers; l++)
+          assert.deepEqual(
+            rowPast(mirror.keys[l]!, slot, mirror.capacity, len),
+            expected(s.keys[l]!, len),
+            `step ${step}: mirror row ${id} layer ${l}`,
+          );
+      });
+      append(
+        fed,
+        fed.map(() => 1),
+      );
+      decodeSteps++;
+    }
+    if (step % 10 === 9) checkAll(`step ${step}`);
+  }
+  checkAll("the end");
+  assert.ok(decodeSteps > 100, `${decodeSteps} decode steps`);
+  assert.ok(capacities.size >= 2, `the mirror re-laid (capacities ${[...capacities].join(", ")})`);
+});
