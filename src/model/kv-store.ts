@@ -122,9 +122,14 @@ export class KvStore {
   /** Copy the positions only the mirror holds back into the sequence's buffers. */
   private sync(seqId: number): void {
     const s = this.sequences.get(seqId);
+    if (!s || s.synced >= s.length) return;
     const m = this.mirror;
-    if (!s || !m || s.synced >= s.length) return;
-    this.syncSlot(m, m.rows.indexOf(seqId));
+    const slot = m ? m.rows.indexOf(seqId) : -1;
+    // Positions only a mirror slot held, with no slot: a broken invariant, and the step must fail, not run on a
+    // cache with a hole in it.
+    if (!m || slot < 0)
+      throw new Error(`kv-store: sequence ${seqId}'s newest positions are in no mirror slot`);
+    this.syncSlot(m, slot);
   }
 
   private syncSlot(m: DecodeMirror, slot: number): void {
