@@ -157,12 +157,13 @@ export class KvStore {
     }
     if (needed <= s.capacity) return s;
     const capacity = Math.max(MIN_CAPACITY, 2 ** Math.ceil(Math.log2(needed)));
+    // Only the synced positions are in the buffers; the rest are stale until the mirror copies them back.
     const grow = (old: Float32Array | undefined) => {
       const next = new Float32Array(numKvHeads * capacity * headDim);
-      if (old && s.length > 0) {
+      if (old && s.synced > 0) {
         for (let h = 0; h < numKvHeads; h++) {
           next.set(
-            old.subarray(h * s.capacity * headDim, (h * s.capacity + s.length) * headDim),
+            old.subarray(h * s.capacity * headDim, (h * s.capacity + s.synced) * headDim),
             h * capacity * headDim,
           );
         }
