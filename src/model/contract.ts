@@ -13,12 +13,19 @@
  *                     packs it first: 1.5x slower at 32 rows, docs/weight-formats.md)
  *   logits_index      int64 [R]      flat row indices (b * T + t) that need logits
  *   lora_slot / ia3_slot / bottleneck_slot  int64 [B]  per-row pool slot; slot 0 is the identity
- * LoRA is fed per layer as each row's own matrices (model/lora-rows.ts keeps them between steps):
- *   lora_a.{l}.{m} [B_m, in, r_m], lora_b.{l}.{m} [B_m, r_m, out]   (scale folded into B; B_m = 1, r_m = 0 when
- *                     no row of the step uses a LoRA on m)
+ * LoRA is fed per layer and per site (a fused product, SITES) as each row's own matrices (model/lora-rows.ts keeps
+ * them between steps; the scale is folded into B; B_s = 1 and r_s = 0 when no row of the step targets the site):
+ *   one-projection sites (o_proj, down_proj): lora_a.{l}.{s} [B_s, in, r_s], lora_b.{l}.{s} [B_s, r_s, out]
+ *   shared-input sites (qkv, gate_up):        lora_a.{l}.{s} [B_s, J_s, in, r_s]   J_s: the site's projections some
+ *                                             resident adapter targets ("parts"), each its own A
+ *                                             lora_b.{l}.{s} [B_s, 1, r_s, width]  the parts' B side by side, at their
+ *                                             columns of the fused output (zeros elsewhere)
+ *                                             lora_mask.{s}  [J_s, 1, width]       1 at part j's columns
+ *                     so (x A_j) B is computed for every part j at once (M=1 products at decode, B read from cache)
+ *                     and the mask keeps part j's own columns: two inputs a layer instead of two per projection
  * The other pools stack every layer of every slot on axis 0, slot-major: row = slot * numLayers + layer, so one
  * slot is one contiguous block and each layer gathers its rows with a single Gather (no per-layer slicing):
- *   ia3.{site} [S*L, width]       one pool per IA3_SITES entry (a fused product): the site's projections' vectors
+ *   ia3.{site} [S*L, width]       one pool per SITES entry (a fused product): the site's projections' vectors
  *                                 side by side (output scale for qkv, o_proj, gate_up; input scale for down_proj)
  *   bottleneck_down.{p} [S*L, D, rb], bottleneck_down_bias.{p} [S*L, rb],
  *   bottleneck_up.{p} [S*L, rb, D], bottleneck_up_bias.{p} [S*L, D]   p in {attn, mlp}; rb may be 0
@@ -55,45 +62,67 @@ export const IA3_OUTPUT_SCALED: readonly Projection[] = [
 export const IA3_INPUT_SCALED: readonly Projection[] = ["down_proj"];
 
 /**
- * IA3 vectors are pooled per site, the fused product whose output (or, for down_proj, input) they scale, so a layer
- * runs one Gather and one Mul per site rather than per projection (each a few microseconds of onnxruntime
- * overhead at any batch size). A site's pool holds every projection of the site, side by side in this order;
- * projections no adapter scales stay all-ones.
+ * The fused products of a layer, named by their projections: q, k and v (and gate and up) share their input and
+ * run as one product. PEFT inputs are pooled or fed per site, not per projection, so a layer runs a few nodes per
+ * site and binds a few inputs (each input costs ~2-3 us to bind every step, used or not; each node a few us).
+ * A site's projections sit side by side in this order in its fused output.
  */
-export const IA3_SITES = {
+export const SITES = {
   qkv: ["q_proj", "k_proj", "v_proj"],
   o_proj: ["o_proj"],
   gate_up: ["gate_proj", "up_proj"],
   down_proj: ["down_proj"],
 } as const satisfies Record<string, readonly Projection[]>;
-export type Ia3Site = keyof typeof IA3_SITES;
+export type Site = keyof typeof SITES;
 
-export interface Ia3SiteLayout {
-  site: Ia3Site;
-  /** the sum of the site's projections' IA3 widths */
+export interface SiteLayout {
+  site: Site;
+  /** the layout's targets at this site, in site order */
+  parts: Projection[];
+  /** the sum of the site's projections' widths (targeted or not) */
   width: number;
-  /** where each of the layout's IA3 targets at this site starts within a pool row */
+  /** where each targeted projection starts within the site's width */
   columns: Map<Projection, number>;
 }
 
-/** The sites a layout's IA3 targets fall in, in IA3_SITES order. */
-export function ia3Sites(
-  spec: Parameters<typeof projectionDims>[0],
-  targets: readonly Projection[],
-): Ia3SiteLayout[] {
-  const sites: Ia3SiteLayout[] = [];
-  for (const [site, projections] of Object.entries(IA3_SITES) as [Ia3Site, readonly Projection[]][]) {
-    if (!projections.some((m) => targets.includes(m))) continue;
+/** The sites `targets` fall in, in SITES order, each projection `widthOf` wide. */
+function siteLayouts(targets: readonly Projection[], widthOf: (m: Projection) => number): SiteLayout[] {
+  const sites: SiteLayout[] = [];
+  for (const [site, projections] of Object.entries(SITES) as [Site, readonly Projection[]][]) {
+    const parts = projections.filter((m) => targets.includes(m));
+    if (parts.length === 0) continue;
     const columns = new Map<Projection, number>();
     let width = 0;
     for (const m of projections) {
-      if (targets.includes(m)) columns.set(m, width);
-      width += ia3Dim(spec, m);
+      if (parts.includes(m)) columns.set(m, width);
+      width += widthOf(m);
     }
-    sites.push({ site, width, columns });
+    sites.push({ site, parts, width, columns });
   }
   return sites;
 }
+
+/**
+ * IA3 sites: a site's pool holds every projection of the site (its output scale; down_proj's input scale), side
+ * by side; projections no adapter scales stay all-ones.
+ */
+export function ia3Sites(
+  spec: Parameters<typeof projectionDims>[0],
+  targets: readonly Projection[],
+): SiteLayout[] {
+  return siteLayouts(targets, (m) => ia3Dim(spec, m));
+}
+
+/** LoRA sites: each targeted projection's B occupies its output columns of the site's fused product. */
+export function loraSites(
+  spec: Parameters<typeof projectionDims>[0],
+  targets: readonly Projection[],
+): SiteLayout[] {
+  return siteLayouts(targets, (m) => projectionDims(spec, m).outDim);
+}
+
+/** Whether a site's LoRA runs as parts of a shared-input product (lora_mask, 4-D A) or plainly. */
+export const isSharedInputSite = (site: Site): boolean => SITES[site].length > 1;
 
 export const BOTTLENECK_PLACES = ["attn", "mlp"] as const;
 export type BottleneckPlace = (typeof BOTTLENECK_PLACES)[number];
@@ -109,9 +138,10 @@ export const INPUT = {
   bottleneckSlot: "bottleneck_slot",
   pastKey: (layer: number) => `past_key.${layer}`,
   pastValue: (layer: number) => `past_value.${layer}`,
-  loraA: (layer: number, m: Projection) => `lora_a.${layer}.${m}`,
-  loraB: (layer: number, m: Projection) => `lora_b.${layer}.${m}`,
-  ia3: (site: Ia3Site) => `ia3.${site}`,
+  loraA: (layer: number, site: Site) => `lora_a.${layer}.${site}`,
+  loraB: (layer: number, site: Site) => `lora_b.${layer}.${site}`,
+  loraMask: (site: Site) => `lora_mask.${site}`,
+  ia3: (site: Site) => `ia3.${site}`,
   bottleneckDown: (p: BottleneckPlace) => `bottleneck_down.${p}`,
   bottleneckDownBias: (p: BottleneckPlace) => `bottleneck_down_bias.${p}`,
   bottleneckUp: (p: BottleneckPlace) => `bottleneck_up.${p}`,

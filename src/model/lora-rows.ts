@@ -1,14 +1,22 @@
 /**
- * @module model/lora-rows — each batch row's own copy of its LoRA weights, per layer, kept between steps.
+ * @module model/lora-rows — each batch row's own copy of its LoRA weights, per layer and site, kept between steps.
  *
- * The graph multiplies row b's activations by row b's A and B ([B, in, r] and [B, r, out] per layer and
- * projection). Gathering those from the slot pool inside the graph copied them every step (about 470 MB a step
- * for q,k,v,o at rank 16 and 32 rows, a sixth of the step); here a row is copied from the pool only when its
- * slot changes, or the slot is rewritten, and the step feeds the rows in place. Rows hold the largest rank a
- * resident adapter has on the projection, not the pool's (--max-lora-rank) zero-padded one. Memory: the rows
- * seen at once, times one adapter's weights at that rank for the projections in use.
+ * The graph multiplies row b's activations by row b's A and B, per layer and site (contract.ts: a fused product
+ * and the projections in it). Gathering those from the slot pool inside the graph copied them every step (about
+ * 470 MB a step for q,k,v,o at rank 16 and 32 rows, a sixth of the step); here a row is copied from the pool only
+ * when its slot changes, or the slot is rewritten, and the step feeds the rows in place. Rows hold the largest
+ * rank a resident adapter has at the site, not the pool's (--max-lora-rank) zero-padded one, and only the site's
+ * projections some resident adapter targets (its parts). Memory: the rows seen at once, times one adapter's
+ * weights at that rank for the parts in use.
  */
-import { INPUT, type Projection, projectionDims } from "./contract.ts";
+import {
+  INPUT,
+  isSharedInputSite,
+  type Projection,
+  projectionDims,
+  type Site,
+  type SiteLayout,
+} from "./contract.ts";
 import type { ModelSpec } from "./model-spec.ts";
 import type { FeedValue } from "./session.ts";
 
@@ -29,21 +37,51 @@ const ROW_BLOCK = 8;
  */
 export const LORA_ROWS_IDLE_STEPS = 512;
 
-interface ProjectionRows {
+interface SiteRows {
   /** the rank the rows hold (the pool's first `rank` columns) */
   rank: number;
-  /** [layer][row][in][r] over `capacity` rows a layer */
+  /** the site's projections the rows hold, in site order (J of them) */
+  parts: readonly Projection[];
+  /** [layer][row][part][in][r] over `capacity` rows a layer */
   a: Float32Array;
-  /** [layer][row][r][out] */
+  /** [layer][row][r][width]: each part's B at its columns of the site's output, zeros elsewhere */
   b: Float32Array;
+  /** [J, 1, width], 1 at part j's columns (shared-input sites only) */
+  mask: FeedValue | null;
   /** per row: the slot and that slot's version its copy holds (-1: none) */
   slot: Int32Array;
   version: Int32Array;
 }
 
+/** A site's rows at rank 0, one row broadcasting over the batch: what a step that does not target the site gets. */
+export function zeroRankLora(spec: ModelSpec, layout: SiteLayout): Record<string, FeedValue> {
+  const { inDim } = projectionDims(spec, layout.parts[0]!);
+  const shared = isSharedInputSite(layout.site);
+  const empty = new Float32Array(0);
+  const a: FeedValue = { type: "float32", data: empty, dims: shared ? [1, 1, inDim, 0] : [1, inDim, 0] };
+  const b: FeedValue = {
+    type: "float32",
+    data: empty,
+    dims: shared ? [1, 1, 0, layout.width] : [1, 0, layout.width],
+  };
+  const feeds: Record<string, FeedValue> = {};
+  for (let l = 0; l < spec.numLayers; l++) {
+    feeds[INPUT.loraA(l, layout.site)] = a;
+    feeds[INPUT.loraB(l, layout.site)] = b;
+  }
+  if (shared) {
+    feeds[INPUT.loraMask(layout.site)] = {
+      type: "float32",
+      data: new Float32Array(layout.width),
+      dims: [1, 1, layout.width],
+    };
+  }
+  return feeds;
+}
+
 export class LoraRows {
   private capacity = 0;
-  private readonly rows = new Map<Projection, ProjectionRows>();
+  private readonly rows = new Map<Site, SiteRows>();
   private stepsWithoutLora = 0;
 
   constructor(private readonly spec: ModelSpec) {}
@@ -61,14 +99,14 @@ export class LoraRows {
   }
 
   /**
-   * Feeds for projection `m` in a step whose rows use `slots`: every row holds its slot's weights at `rank`
-   * (copied now if it held another slot, an older version of this one, or another rank), fed per layer as
-   * [B, in, rank] and [B, rank, out].
+   * Feeds for `site` in a step whose rows use `slots`: every row holds its slot's weights for `parts` at `rank`
+   * (copied now if it held another slot, an older version of this one, or another rank or parts).
    */
   feeds(
-    m: Projection,
-    pool: LoraPool,
+    site: SiteLayout,
+    parts: readonly Projection[],
     rank: number,
+    pools: ReadonlyMap<Projection, LoraPool>,
     slots: ArrayLike<bigint>,
     versionOf: (slot: number) => number,
     into: Record<string, FeedValue>,
@@ -76,11 +114,12 @@ export class LoraRows {
     const B = slots.length;
     this.stepsWithoutLora = 0;
     this.ensureCapacity(B);
-    const rows = this.rowsOf(m, rank);
-    const { inDim, outDim } = projectionDims(this.spec, m);
+    const rows = this.rowsOf(site, parts, rank);
+    const { inDim } = projectionDims(this.spec, parts[0]!);
     const L = this.spec.numLayers;
-    const aSize = inDim * rank;
-    const bSize = rank * outDim;
+    const J = parts.length;
+    const aSize = J * inDim * rank;
+    const bSize = rank * site.width;
     for (let i = 0; i < B; i++) {
       const slot = Number(slots[i]);
       const version = versionOf(slot);
@@ -88,27 +127,37 @@ export class LoraRows {
       for (let l = 0; l < L; l++) {
         const poolRow = slot * L + l;
         const cacheRow = l * this.capacity + i;
-        copyColumns(pool.a, poolRow * inDim * pool.rank, pool.rank, rows.a, cacheRow * aSize, rank, inDim);
-        // B's first `rank` rows are contiguous in the pool.
-        const bFrom = poolRow * pool.rank * outDim;
-        rows.b.set(pool.b.subarray(bFrom, bFrom + bSize), cacheRow * bSize);
+        parts.forEach((m, j) => {
+          const pool = pools.get(m)!;
+          const outDim = projectionDims(this.spec, m).outDim;
+          const aTo = cacheRow * aSize + j * inDim * rank;
+          copyColumns(pool.a, poolRow * inDim * pool.rank, pool.rank, rows.a, aTo, rank, inDim);
+          // B's first `rank` rows, each into this part's columns of the site's width.
+          const column = site.columns.get(m)!;
+          for (let k = 0; k < rank; k++) {
+            const from = (poolRow * pool.rank + k) * outDim;
+            rows.b.set(pool.b.subarray(from, from + outDim), cacheRow * bSize + k * site.width + column);
+          }
+        });
       }
       rows.slot[i] = slot;
       rows.version[i] = version;
     }
+    const shared = isSharedInputSite(site.site);
     for (let l = 0; l < L; l++) {
       const first = l * this.capacity;
-      into[INPUT.loraA(l, m)] = {
+      into[INPUT.loraA(l, site.site)] = {
         type: "float32",
         data: rows.a.subarray(first * aSize, (first + B) * aSize),
-        dims: [B, inDim, rank],
+        dims: shared ? [B, J, inDim, rank] : [B, inDim, rank],
       };
-      into[INPUT.loraB(l, m)] = {
+      into[INPUT.loraB(l, site.site)] = {
         type: "float32",
         data: rows.b.subarray(first * bSize, (first + B) * bSize),
-        dims: [B, rank, outDim],
+        dims: shared ? [B, 1, rank, site.width] : [B, rank, site.width],
       };
     }
+    if (rows.mask) into[INPUT.loraMask(site.site)] = rows.mask;
   }
 
   private ensureCapacity(rowsNeeded: number): void {
@@ -118,19 +167,30 @@ export class LoraRows {
     this.rows.clear();
   }
 
-  private rowsOf(m: Projection, rank: number): ProjectionRows {
-    let rows = this.rows.get(m);
-    if (!rows || rows.rank !== rank) {
-      const { inDim, outDim } = projectionDims(this.spec, m);
+  private rowsOf(site: SiteLayout, parts: readonly Projection[], rank: number): SiteRows {
+    let rows = this.rows.get(site.site);
+    if (!rows || rows.rank !== rank || rows.parts.join() !== parts.join()) {
+      const { inDim } = projectionDims(this.spec, parts[0]!);
       const perLayer = this.capacity * rank;
+      let mask: FeedValue | null = null;
+      if (isSharedInputSite(site.site)) {
+        const ones = new Float32Array(parts.length * site.width);
+        parts.forEach((m, j) => {
+          const column = j * site.width + site.columns.get(m)!;
+          ones.fill(1, column, column + projectionDims(this.spec, m).outDim);
+        });
+        mask = { type: "float32", data: ones, dims: [parts.length, 1, site.width] };
+      }
       rows = {
         rank,
-        a: new Float32Array(this.spec.numLayers * perLayer * inDim),
-        b: new Float32Array(this.spec.numLayers * perLayer * outDim),
+        parts: [...parts],
+        a: new Float32Array(this.spec.numLayers * perLayer * parts.length * inDim),
+        b: new Float32Array(this.spec.numLayers * perLayer * site.width),
+        mask,
         slot: new Int32Array(this.capacity).fill(-1),
         version: new Int32Array(this.capacity).fill(-1),
       };
-      this.rows.set(m, rows);
+      this.rows.set(site.site, rows);
     }
     return rows;
   }

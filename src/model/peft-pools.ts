@@ -3,23 +3,24 @@
  * Slot 0 of every kind is the identity (LoRA zeros, IA3 ones, bottleneck zeros). Layout: see contract.ts
  * (row = slot * numLayers + layer). A step where no row uses a kind is fed a zero-rank identity pool (the
  * graph then runs a decoder copy without that kind's paths, so the pool costs only its binding); likewise a
- * LoRA projection that none of the step's adapters targets is fed at rank 0. LoRA weights reach the graph as
- * per-row copies (lora-rows.ts); IA3 vectors are pooled per site (contract.ts IA3_SITES).
+ * LoRA site (contract.ts SITES) that none of the step's adapters targets is fed at rank 0. LoRA weights reach the
+ * graph as per-row copies per site (lora-rows.ts); IA3 vectors are pooled per site.
  */
 import {
   BOTTLENECK_PLACES,
   type BottleneckPlace,
-  type Ia3Site,
-  type Ia3SiteLayout,
   INPUT,
   ia3Sites,
+  loraSites,
   moduleKey,
   type PeftLayout,
   type Projection,
   projectionDims,
   type SequenceAdapterWeights,
+  type Site,
+  type SiteLayout,
 } from "./contract.ts";
-import { LoraRows } from "./lora-rows.ts";
+import { type LoraPool, LoraRows, zeroRankLora } from "./lora-rows.ts";
 import type { ModelSpec } from "./model-spec.ts";
 import type { FeedValue } from "./session.ts";
 
@@ -39,9 +40,10 @@ const f32 = (data: Float32Array, dims: number[]): FeedValue => ({ type: "float32
 
 export class PeftPools {
   private lora = new Map<Projection, { a: Float32Array; b: Float32Array }>();
-  /** one pool per IA3 site of the layout (contract.ts IA3_SITES) */
-  private ia3 = new Map<Ia3Site, Float32Array>();
-  private readonly ia3Sites: readonly Ia3SiteLayout[];
+  /** one pool per IA3 site of the layout (contract.ts SITES) */
+  private ia3 = new Map<Site, Float32Array>();
+  private readonly ia3Sites: readonly SiteLayout[];
+  private readonly loraSites: readonly SiteLayout[];
   private bottleneck = new Map<
     BottleneckPlace,
     { down: Float32Array; downBias: Float32Array; up: Float32Array; upBias: Float32Array }
@@ -66,9 +68,10 @@ export class PeftPools {
     const D = spec.hiddenSize;
     this.loraRows = new LoraRows(spec);
     this.ia3Sites = ia3Sites(spec, layout.ia3Targets);
+    this.loraSites = loraSites(spec, layout.loraTargets);
     const identity: Record<string, FeedValue> = {};
     this.defaults = identity;
-    for (const m of layout.loraTargets) Object.assign(identity, this.zeroRankLora(m));
+    for (const site of this.loraSites) Object.assign(identity, zeroRankLora(spec, site));
     for (const { site, width } of this.ia3Sites) {
       identity[INPUT.ia3(site)] = f32(new Float32Array(L * width).fill(1), [L, width]);
     }
@@ -80,19 +83,6 @@ export class PeftPools {
         identity[INPUT.bottleneckUpBias(p)] = f32(new Float32Array(L * D), [L, D]);
       }
     }
-  }
-
-  /** Rank-0 LoRA feeds for projection m in every layer ([1, in, 0] broadcasts over the batch). */
-  private zeroRankLora(m: Projection): Record<string, FeedValue> {
-    const { inDim, outDim } = projectionDims(this.spec, m);
-    const a = f32(EMPTY, [1, inDim, 0]);
-    const b = f32(EMPTY, [1, 0, outDim]);
-    const feeds: Record<string, FeedValue> = {};
-    for (let l = 0; l < this.spec.numLayers; l++) {
-      feeds[INPUT.loraA(l, m)] = a;
-      feeds[INPUT.loraB(l, m)] = b;
-    }
-    return feeds;
   }
 
   private rows(slots: number): number {
@@ -218,7 +208,7 @@ export class PeftPools {
 
   /**
    * The pool feeds a step changes from `defaults`: a kind no row uses keeps the identity. `loraSlots` are the
-   * step's rows' LoRA slots: a projection none of their adapters targets keeps its rank-0 default.
+   * step's rows' LoRA slots: a site none of their adapters targets keeps its rank-0 default.
    */
   feeds(used: Record<PoolKind, boolean>, loraSlots: ArrayLike<bigint> = []): Record<string, FeedValue> {
     const feeds: Record<string, FeedValue> = {};
@@ -230,20 +220,21 @@ export class PeftPools {
         for (const m of this.loraTargetsOf.get(Number(loraSlots[i]))?.keys() ?? []) targeted.add(m);
       }
       const versionOf = (slot: number) => this.loraVersions.get(slot) ?? 0;
-      for (const [m, pool] of this.lora) {
-        if (!targeted.has(m)) continue;
-        // The rows hold the largest rank any resident adapter has on m, not --max-lora-rank: the pool's extra
-        // columns are zeros, and copying them would cost memory and bandwidth for nothing.
+      const pools = new Map<Projection, LoraPool>();
+      for (const [m, pool] of this.lora) pools.set(m, { ...pool, rank: this.capacity.maxLoraRank });
+      for (const site of this.loraSites) {
+        if (!site.parts.some((m) => targeted.has(m))) continue;
+        // The rows hold the site's projections some resident adapter targets, at the largest rank any resident
+        // adapter has on them, not --max-lora-rank: the pool's extra columns are zeros, and copying them would
+        // cost memory and bandwidth for nothing.
         let rank = 0;
-        for (const ranks of this.loraTargetsOf.values()) rank = Math.max(rank, ranks.get(m) ?? 0);
-        this.loraRows.feeds(
-          m,
-          { ...pool, rank: this.capacity.maxLoraRank },
-          rank,
-          loraSlots,
-          versionOf,
-          feeds,
-        );
+        const parts = site.parts.filter((m) => {
+          let partRank = 0;
+          for (const ranks of this.loraTargetsOf.values()) partRank = Math.max(partRank, ranks.get(m) ?? 0);
+          rank = Math.max(rank, partRank);
+          return partRank > 0;
+        });
+        this.loraRows.feeds(site, parts, rank, pools, loraSlots, versionOf, feeds);
       }
     }
     if (used.ia3 && this.ia3.size) {

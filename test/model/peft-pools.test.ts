@@ -5,8 +5,12 @@ import {
   INPUT,
   ia3Dim,
   ia3Sites,
+  isSharedInputSite,
+  loraSites,
   moduleKey,
   projectionDims,
+  SITES,
+  type Site,
 } from "../../src/model/contract.ts";
 import { LORA_ROWS_IDLE_STEPS } from "../../src/model/lora-rows.ts";
 import { PeftPools } from "../../src/model/peft-pools.ts";
@@ -40,41 +44,98 @@ const fed = (pools: PeftPools, slots: BigInt64Array): Feeds => ({
 });
 type Target = (typeof FULL_PEFT_LAYOUT.loraTargets)[number];
 
-/** The rank projection m is fed at in `feeds` (every layer alike), checking the feeds' shapes on the way. */
+const siteOf = (m: Target): Site =>
+  (Object.keys(SITES) as Site[]).find((site) => (SITES[site] as readonly Target[]).includes(m))!;
+const columnOf = (m: Target) =>
+  loraSites(spec, FULL_PEFT_LAYOUT.loraTargets)
+    .find((s) => s.site === siteOf(m))!
+    .columns.get(m)!;
+
+/**
+ * Which part of its site's rows projection m is fed as in `feeds` (-1: none), read from the site's mask, which
+ * must hold ones exactly at each part's columns.
+ */
+const partOf = (feeds: Feeds, m: Target): number => {
+  const site = siteOf(m);
+  if (!isSharedInputSite(site)) return 0;
+  const mask = feeds[INPUT.loraMask(site)]!;
+  const [parts, one, width] = mask.dims as number[];
+  assert.equal(one, 1, `${site}: mask broadcasts over tokens`);
+  const { outDim } = projectionDims(spec, m);
+  for (let j = 0; j < parts!; j++) {
+    const own = mask.data.subarray(j * width! + columnOf(m), j * width! + columnOf(m) + outDim);
+    if (own.every((v) => v === 1)) {
+      const total = (mask.data as Float32Array)
+        .subarray(j * width!, (j + 1) * width!)
+        .reduce((a, v) => a + v, 0);
+      assert.equal(total, outDim, `${site}: part ${j} (${m}) keeps only its own columns`);
+      return j;
+    }
+  }
+  return -1;
+};
+
+/**
+ * The rank projection m is fed at in `feeds` (every layer alike; 0 when its site is fed at rank 0 or m is not
+ * one of the site's parts), checking the feeds' shapes on the way.
+ */
 const rankOf = (feeds: Feeds, m: Target, batch: number) => {
+  const site = siteOf(m);
+  const shared = isSharedInputSite(site);
   const ranks = new Set<number>();
   for (let l = 0; l < spec.numLayers; l++) {
-    const a = feeds[INPUT.loraA(l, m)]!;
-    const b = feeds[INPUT.loraB(l, m)]!;
-    const rank = a.dims[2]!;
+    const a = feeds[INPUT.loraA(l, site)]!;
+    const b = feeds[INPUT.loraB(l, site)]!;
+    const rank = a.dims[a.dims.length - 1]!;
+    assert.equal(a.dims.length, shared ? 4 : 3, `${site}: A's rank`);
     assert.equal(
       a.dims[0],
       rank === 0 ? 1 : batch,
-      `${m}: A has a row per batch row (or broadcasts at rank 0)`,
+      `${site}: A has a row per batch row (or broadcasts at rank 0)`,
     );
-    assert.equal(b.dims[0], a.dims[0], `${m}: B rows match A's`);
-    assert.equal(b.dims[1], rank, `${m}: A and B ranks agree`);
-    assert.equal(
-      a.data.length,
-      a.dims.reduce((x, y) => x * y, 1),
-      `${m}: A data matches its dims`,
-    );
-    assert.equal(
-      b.data.length,
-      b.dims.reduce((x, y) => x * y, 1),
-      `${m}: B data matches its dims`,
-    );
+    assert.equal(b.dims[0], a.dims[0], `${site}: B rows match A's`);
+    assert.equal(b.dims[b.dims.length - 2], rank, `${site}: A and B ranks agree`);
+    if (shared) {
+      assert.equal(b.dims[1], 1, `${site}: one B a row, shared by its parts`);
+      assert.equal(a.dims[1], feeds[INPUT.loraMask(site)]!.dims[0], `${site}: A has a block per part`);
+    }
+    for (const [what, x] of [
+      ["A", a],
+      ["B", b],
+    ] as const) {
+      assert.equal(
+        x.data.length,
+        x.dims.reduce((p, q) => p * q, 1),
+        `${site}: ${what} data matches its dims`,
+      );
+    }
     ranks.add(rank);
   }
-  assert.equal(ranks.size, 1, `${m}: one rank in every layer`);
-  return [...ranks][0];
+  assert.equal(ranks.size, 1, `${site}: one rank in every layer`);
+  const rank = [...ranks][0]!;
+  return rank > 0 && partOf(feeds, m) >= 0 ? rank : 0;
 };
 
-/** Row `row`'s A for projection m in layer l, as fed. */
+/** Row `row`'s A for projection m in layer l, as fed ([in][r]). */
 const rowA = (feeds: Feeds, l: number, m: Target, row: number) => {
-  const a = feeds[INPUT.loraA(l, m)]!;
-  const size = a.dims[1]! * a.dims[2]!;
-  return Array.from(a.data.subarray(row * size, (row + 1) * size) as Float32Array);
+  const a = feeds[INPUT.loraA(l, siteOf(m))]!;
+  const size = a.dims[a.dims.length - 2]! * a.dims[a.dims.length - 1]!;
+  const parts = a.dims.length === 4 ? a.dims[1]! : 1;
+  const at = (row * parts + partOf(feeds, m)) * size;
+  return Array.from(a.data.subarray(at, at + size) as Float32Array);
+};
+
+/** Row `row`'s B for projection m in layer l, as fed: its own columns of the site's width ([r][out]). */
+const rowB = (feeds: Feeds, l: number, m: Target, row: number) => {
+  const b = feeds[INPUT.loraB(l, siteOf(m))]!;
+  const [rank, width] = b.dims.slice(-2) as [number, number];
+  const { outDim } = projectionDims(spec, m);
+  const out: number[] = [];
+  for (let k = 0; k < rank; k++) {
+    const at = (row * rank + k) * width + columnOf(m);
+    out.push(...(b.data.subarray(at, at + outDim) as Float32Array));
+  }
+  return out;
 };
 
 test("a LoRA projection none of the step's adapters targets is fed at rank 0, the others at the adapters' rank", () => {
@@ -94,6 +155,56 @@ test("a LoRA projection none of the step's adapters targets is fed at rank 0, th
       `slots 1+2: ${m}`,
     );
   }
+});
+
+test("each part of a shared-input site gets its own A block and B columns; other columns stay zero", () => {
+  const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
+  const valueA = (m: Target, l: number, k: number, i: number) =>
+    (SITES.qkv as readonly Target[]).indexOf(m) + l / 10 + k / 100 + i / 1e4;
+  const valueB = (m: Target, l: number, o: number, k: number) =>
+    -(1 + (SITES.qkv as readonly Target[]).indexOf(m) + l / 10 + o / 1e4 + k / 100);
+  const adapter = (targets: Target[], rank: number) => {
+    const weights = new Map();
+    for (let l = 0; l < spec.numLayers; l++)
+      for (const m of targets) {
+        const { inDim, outDim } = projectionDims(spec, m);
+        const a = new Float32Array(rank * inDim).map((_, x) =>
+          valueA(m, l, Math.floor(x / inDim), x % inDim),
+        );
+        const b = new Float32Array(outDim * rank).map((_, x) => valueB(m, l, Math.floor(x / rank), x % rank));
+        weights.set(moduleKey(l, m), { rank, a, b });
+      }
+    return { lora: weights };
+  };
+  pools.writeSlot("lora", 1, adapter(["q_proj", "v_proj"], 2));
+  pools.writeSlot("lora", 2, adapter(["k_proj"], 3));
+  const feeds = fed(pools, BigInt64Array.of(2n, 1n, 0n));
+  const slotOfRow = [2, 1, 0];
+  for (const m of ["q_proj", "k_proj", "v_proj"] as Target[]) {
+    assert.equal(rankOf(feeds, m, 3), 3, `${m}: the site's largest resident rank`);
+    const { inDim, outDim } = projectionDims(spec, m);
+    for (let l = 0; l < spec.numLayers; l++)
+      slotOfRow.forEach((slot, row) => {
+        const rank = slot === 1 ? 2 : 3;
+        const owns = (slot === 1 && m !== "k_proj") || (slot === 2 && m === "k_proj");
+        const a = rowA(feeds, l, m, row);
+        const b = rowB(feeds, l, m, row);
+        for (let i = 0; i < inDim; i++)
+          for (let k = 0; k < 3; k++) {
+            const want = owns && k < rank ? valueA(m, l, k, i) : 0;
+            assert.ok(Math.abs(a[i * 3 + k]! - want) < 1e-6, `A ${m} layer ${l} row ${row} [${i}, ${k}]`);
+          }
+        for (let k = 0; k < 3; k++)
+          for (let o = 0; o < outDim; o++) {
+            const want = owns && k < rank ? valueB(m, l, o, k) : 0;
+            assert.ok(
+              Math.abs(b[k * outDim + o]! - want) < 1e-6,
+              `B ${m} layer ${l} row ${row} [${k}, ${o}]`,
+            );
+          }
+      });
+  }
+  assert.equal(rankOf(feeds, "o_proj", 3), 0, "o_proj: no adapter targets it");
 });
 
 test("clearing a slot forgets its targets; rewriting it with other targets takes the new ones", () => {
@@ -174,7 +285,11 @@ test("a step feeds only what it changes; the defaults hold every pool input at i
   const none = { lora: false, ia3: false, bottleneck: false };
   assert.deepEqual(Object.keys(pools.feeds(none, BigInt64Array.of(0n))), [], "a base step changes nothing");
   const loraStep = Object.keys(pools.feeds(on, BigInt64Array.of(1n)));
-  assert.equal(loraStep.length, 2 * spec.numLayers, "a q-only LoRA step feeds q's A and B in every layer");
+  assert.equal(
+    loraStep.length,
+    2 * spec.numLayers + 1,
+    "a q-only LoRA step feeds the qkv site's A and B in every layer, and its mask",
+  );
   for (const name of loraStep) assert.ok(name in pools.defaults, `${name} is a graph input with a default`);
   const ia3Names = ia3Sites(spec, FULL_PEFT_LAYOUT.ia3Targets).map(({ site }) => INPUT.ia3(site));
   assert.equal(ia3Names.length, 4, "qkv, o_proj, gate_up and down_proj");

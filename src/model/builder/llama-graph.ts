@@ -8,13 +8,15 @@ import {
   type AdapterPoolKind,
   BOTTLENECK_PLACES,
   type BottleneckPlace,
-  type Ia3Site,
   INPUT,
   ia3Sites,
+  isSharedInputSite,
+  loraSites,
   OUTPUT,
   type PeftLayout,
-  type Projection,
   projectionDims,
+  SITES,
+  type Site,
 } from "../contract.ts";
 import { type ModelSpec, ropeTables } from "../model-spec.ts";
 import { GraphBuilder } from "./graph.ts";
@@ -121,7 +123,8 @@ interface LayerRows {
   layer: number;
   /** the PEFT paths this decoder copy carries */
   layout: PeftLayout;
-  ia3Sites: ReadonlySet<Ia3Site>;
+  ia3Sites: ReadonlySet<Site>;
+  loraSites: ReadonlySet<Site>;
   /** slot * numLayers + layer per row, [B, 1] */
   ia3: string;
   bottleneck: string;
@@ -297,9 +300,11 @@ class LlamaGraph {
     const kv: string[] = [];
     let x = x0;
     let h = h0;
-    const sites = layout
-      ? new Set(ia3Sites(this.spec, layout.ia3Targets).map((s) => s.site))
-      : new Set<Ia3Site>();
+    const siteSet = (sites: { site: Site }[]) => new Set(sites.map((s) => s.site));
+    const sites = {
+      ia3: siteSet(layout ? ia3Sites(this.spec, layout.ia3Targets) : []),
+      lora: siteSet(layout ? loraSites(this.spec, layout.loraTargets) : []),
+    };
     for (let l = 0; l < this.spec.numLayers; l++) {
       const p = params.layers[l]!;
       const rows = layout ? this.layerRows(l, shared, layout, sites) : null;
@@ -349,16 +354,23 @@ class LlamaGraph {
       sinQuery: "",
       ...this.decodeAttentionInputs(),
     };
-    for (const m of peft.loraTargets) {
-      const { inDim, outDim } = projectionDims(spec, m);
+    for (const { site, width } of loraSites(spec, peft.loraTargets)) {
+      const { inDim } = projectionDims(spec, SITES[site][0]);
       // Each row's own A and B, per layer (lora-rows.ts keeps them between steps), so the batched MatMuls read
-      // them in place: a Gather from the slot pool would copy [B, in, r] + [B, r, out] per projection per step.
-      // Rows and rank are per projection: one no adapter of the step targets is fed as [1, in, 0], and
-      // onnxruntime plans buffers assuming inputs that share a dim name share its size.
+      // them in place: a Gather from the slot pool would copy them every step. Rows, parts and rank are per
+      // site: a site no adapter of the step targets is fed at rank 0 and one row, and onnxruntime plans buffers
+      // assuming inputs that share a dim name share its size.
+      const [rows, parts, rank] = [`lora_rows_${site}`, `lora_parts_${site}`, `lora_rank_${site}`];
+      const shared = isSharedInputSite(site);
       for (let l = 0; l < L; l++) {
-        g.input(INPUT.loraA(l, m), DataType.FLOAT, [`lora_rows_${m}`, inDim, `lora_rank_${m}`]);
-        g.input(INPUT.loraB(l, m), DataType.FLOAT, [`lora_rows_${m}`, `lora_rank_${m}`, outDim]);
+        g.input(
+          INPUT.loraA(l, site),
+          DataType.FLOAT,
+          shared ? [rows, parts, inDim, rank] : [rows, inDim, rank],
+        );
+        g.input(INPUT.loraB(l, site), DataType.FLOAT, shared ? [rows, 1, rank, width] : [rows, rank, width]);
       }
+      if (shared) g.input(INPUT.loraMask(site), DataType.FLOAT, [parts, 1, width]);
     }
     for (const { site, width } of ia3Sites(spec, peft.ia3Targets)) {
       g.input(INPUT.ia3(site), DataType.FLOAT, ["ia3_rows", width]);
@@ -551,14 +563,15 @@ class LlamaGraph {
     l: number,
     shared: Shared,
     layout: PeftLayout,
-    ia3Sites: ReadonlySet<Ia3Site>,
+    sites: { ia3: ReadonlySet<Site>; lora: ReadonlySet<Site> },
   ): LayerRows {
     const { g } = this;
     const row = (sharedRow: string, on: boolean) => (on ? g.op1("Add", [sharedRow, g.int64([l], [])]) : "");
     return {
       layer: l,
       layout,
-      ia3Sites,
+      ia3Sites: sites.ia3,
+      loraSites: sites.lora,
       ia3: row(shared.ia3Row, layout.ia3Targets.length > 0),
       bottleneck: row(shared.bottleneckRow, layout.bottleneck),
       bottleneck1: row(shared.bottleneckRow1, layout.bottleneck),
@@ -595,13 +608,23 @@ class LlamaGraph {
     return g.op("If", [cond], { outputs: n, attrs: { then_branch: thenBranch, else_branch: elseBranch } });
   }
 
-  /** The LoRA addition on one projection's output y: y + (x A_s) B_s (a no-op without rows). */
-  private lora(m: Projection, x: string, y: string, rows: LayerRows | null): string {
-    if (!rows || !rows.layout.loraTargets.includes(m)) return y;
+  /**
+   * The LoRA addition on a site's output y: y + (x A_s) B_s (a no-op without rows, or when the layout targets
+   * nothing there). At a shared-input site every part j (a projection some adapter targets) has its own A_j
+   * ([B, J, in, r], x broadcast over J) and all parts share one B holding each part's columns ([B, 1, r, width]):
+   * h_j B for every j at once is [B, J, T, width], and the mask keeps part j's own columns before summing over
+   * J. That is 2 inputs and 6 nodes for q, k and v instead of 6 and 9; at decode every product is M=1, which
+   * MLAS runs unpacked, and the J reads of a row's B hit the cache.
+   */
+  private lora(site: Site, x: string, y: string, rows: LayerRows | null): string {
+    if (!rows || !rows.loraSites.has(site)) return y;
     const { g } = this;
-    const a = INPUT.loraA(rows.layer, m); // [B, in, r]
-    const b = INPUT.loraB(rows.layer, m); // [B, r, out]
-    return g.op1("Add", [y, g.op1("MatMul", [g.op1("MatMul", [x, a]), b])]);
+    const a = INPUT.loraA(rows.layer, site);
+    const b = INPUT.loraB(rows.layer, site);
+    if (!isSharedInputSite(site)) return g.op1("Add", [y, g.op1("MatMul", [g.op1("MatMul", [x, a]), b])]);
+    const perPart = g.op1("MatMul", [g.op1("MatMul", [g.op1("Unsqueeze", [x, g.int64([1])]), a]), b]);
+    const own = g.op1("Mul", [perPart, INPUT.loraMask(site)]);
+    return g.op1("Add", [y, g.op1("ReduceSum", [own, g.int64([1])], { keepdims: 0 })]);
   }
 
   /**
@@ -610,7 +633,7 @@ class LlamaGraph {
    * adapter (adapters/formats/task-folder.ts), so a row's LoRA addition is zero or its IA3 vector is all-ones, and
    * (y + d) * s = y * s + d either way.
    */
-  private ia3(site: Ia3Site, y: string, rows: LayerRows | null): string {
+  private ia3(site: Site, y: string, rows: LayerRows | null): string {
     if (!rows || !rows.ia3Sites.has(site)) return y;
     const scale = this.g.op1("Gather", [INPUT.ia3(site), rows.ia3]); // [B, 1, width]
     return this.g.op1("Mul", [y, scale]);
@@ -625,15 +648,15 @@ class LlamaGraph {
     phase: Phase,
   ): { out: string; key: string; value: string } {
     const { g, spec, qDim, kvDim } = this;
-    const qkv = this.ia3("qkv", this.linear(x, p.qkv), rows);
+    const qkv = this.lora("qkv", x, this.ia3("qkv", this.linear(x, p.qkv), rows), rows);
     const [q0, k0, v0] = g.op("Split", [qkv, g.int64([qDim, kvDim, kvDim])], {
       outputs: 3,
       attrs: { axis: -1 },
     });
     // q comes out scaled by 1/sqrt(head size) (shared.cosQuery), so neither attention path scales again.
-    const q = this.rotary(this.lora("q_proj", x, q0!, rows), spec.numHeads, shared.cosQuery, shared.sinQuery);
-    const k = this.rotary(this.lora("k_proj", x, k0!, rows), spec.numKvHeads, shared.cos, shared.sin);
-    const v = this.lora("v_proj", x, v0!, rows);
+    const q = this.rotary(q0!, spec.numHeads, shared.cosQuery, shared.sinQuery);
+    const k = this.rotary(k0!, spec.numKvHeads, shared.cos, shared.sin);
+    const v = v0!;
     let attn: string;
     if (phase === "decode") {
       attn = this.decodeAttention(l, q, k, v, shared);
@@ -722,13 +745,11 @@ class LlamaGraph {
   private mlp(p: LayerParams, x: string, rows: LayerRows | null): string {
     const { g } = this;
     const ff = this.spec.intermediateSize;
-    const gu = this.ia3("gate_up", this.linear(x, p.gateUp), rows);
-    const [gate0, up0] = g.op("Split", [gu, g.int64([ff, ff])], { outputs: 2, attrs: { axis: -1 } });
-    const gate = this.lora("gate_proj", x, gate0!, rows);
-    const up = this.lora("up_proj", x, up0!, rows);
+    const gu = this.lora("gate_up", x, this.ia3("gate_up", this.linear(x, p.gateUp), rows), rows);
+    const [gate, up] = g.op("Split", [gu, g.int64([ff, ff])], { outputs: 2, attrs: { axis: -1 } });
     const act = this.ia3(
       "down_proj",
-      g.op1("Mul", [g.op1("Mul", [gate, g.op1("Sigmoid", [gate])]), up]),
+      g.op1("Mul", [g.op1("Mul", [gate!, g.op1("Sigmoid", [gate!])]), up!]),
       rows,
     );
     const down = this.lora("down_proj", act, this.linear(act, p.down), rows);

@@ -73,7 +73,7 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
   assert.ok(!opsIn("decoder_base_decode_then").has("If"), "no per-layer If in a copy");
   assert.ok(opsIn("decoder_base_prefill_then").has("Attention"), "prefill copies use the Attention kernel");
   const kindOf = (input: string) =>
-    input.startsWith("lora_a.") || input.startsWith("lora_b.")
+    input.startsWith("lora_")
       ? "lora"
       : input.startsWith("ia3.")
         ? "ia3"
