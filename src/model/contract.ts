@@ -124,6 +124,20 @@ export function loraSites(
 /** Whether a site's LoRA runs as parts of a shared-input product (lora_mask, 4-D A) or plainly. */
 export const isSharedInputSite = (site: Site): boolean => SITES[site].length > 1;
 
+/** The shapes of a site's LoRA inputs (the contract above): symbolic in the graph, numbers in a step's feeds. */
+export function loraInputDims<D extends number | string>(
+  site: Site,
+  d: { rows: D; parts: D; inDim: number; rank: D; width: number },
+): { a: (D | number)[]; b: (D | number)[]; mask: (D | number)[] | null } {
+  if (!isSharedInputSite(site))
+    return { a: [d.rows, d.inDim, d.rank], b: [d.rows, d.rank, d.width], mask: null };
+  return {
+    a: [d.rows, d.parts, d.inDim, d.rank],
+    b: [d.rows, 1, d.rank, d.width],
+    mask: [d.parts, 1, d.width],
+  };
+}
+
 export const BOTTLENECK_PLACES = ["attn", "mlp"] as const;
 export type BottleneckPlace = (typeof BOTTLENECK_PLACES)[number];
 

@@ -11,7 +11,7 @@
  */
 import {
   INPUT,
-  isSharedInputSite,
+  loraInputDims,
   type Projection,
   projectionDims,
   type Site,
@@ -56,24 +56,21 @@ interface SiteRows {
 /** A site's rows at rank 0, one row broadcasting over the batch: what a step that does not target the site gets. */
 export function zeroRankLora(spec: ModelSpec, layout: SiteLayout): Record<string, FeedValue> {
   const { inDim } = projectionDims(spec, layout.parts[0]!);
-  const shared = isSharedInputSite(layout.site);
+  const dims = loraInputDims(layout.site, { rows: 1, parts: 1, inDim, rank: 0, width: layout.width });
   const empty = new Float32Array(0);
-  const a: FeedValue = { type: "float32", data: empty, dims: shared ? [1, 1, inDim, 0] : [1, inDim, 0] };
-  const b: FeedValue = {
-    type: "float32",
-    data: empty,
-    dims: shared ? [1, 1, 0, layout.width] : [1, 0, layout.width],
-  };
+  const a: FeedValue = { type: "float32", data: empty, dims: dims.a };
+  const b: FeedValue = { type: "float32", data: empty, dims: dims.b };
   const feeds: Record<string, FeedValue> = {};
   for (let l = 0; l < spec.numLayers; l++) {
     feeds[INPUT.loraA(l, layout.site)] = a;
     feeds[INPUT.loraB(l, layout.site)] = b;
   }
-  if (shared) {
+  if (dims.mask) {
+    // Any values do: at rank 0 every part's product is zero.
     feeds[INPUT.loraMask(layout.site)] = {
       type: "float32",
       data: new Float32Array(layout.width),
-      dims: [1, 1, layout.width],
+      dims: dims.mask,
     };
   }
   return feeds;
@@ -143,18 +140,18 @@ export class LoraRows {
       rows.slot[i] = slot;
       rows.version[i] = version;
     }
-    const shared = isSharedInputSite(site.site);
+    const dims = loraInputDims(site.site, { rows: B, parts: J, inDim, rank, width: site.width });
     for (let l = 0; l < L; l++) {
       const first = l * this.capacity;
       into[INPUT.loraA(l, site.site)] = {
         type: "float32",
         data: rows.a.subarray(first * aSize, (first + B) * aSize),
-        dims: shared ? [B, J, inDim, rank] : [B, inDim, rank],
+        dims: dims.a,
       };
       into[INPUT.loraB(l, site.site)] = {
         type: "float32",
         data: rows.b.subarray(first * bSize, (first + B) * bSize),
-        dims: shared ? [B, 1, rank, site.width] : [B, rank, site.width],
+        dims: dims.b,
       };
     }
     if (rows.mask) into[INPUT.loraMask(site.site)] = rows.mask;
@@ -173,13 +170,20 @@ export class LoraRows {
       const { inDim } = projectionDims(this.spec, parts[0]!);
       const perLayer = this.capacity * rank;
       let mask: FeedValue | null = null;
-      if (isSharedInputSite(site.site)) {
+      const maskDims = loraInputDims(site.site, {
+        rows: 0,
+        parts: parts.length,
+        inDim,
+        rank,
+        width: site.width,
+      }).mask;
+      if (maskDims) {
         const ones = new Float32Array(parts.length * site.width);
         parts.forEach((m, j) => {
           const column = j * site.width + site.columns.get(m)!;
           ones.fill(1, column, column + projectionDims(this.spec, m).outDim);
         });
-        mask = { type: "float32", data: ones, dims: [parts.length, 1, site.width] };
+        mask = { type: "float32", data: ones, dims: maskDims };
       }
       rows = {
         rank,

@@ -11,6 +11,7 @@ import {
   INPUT,
   ia3Sites,
   isSharedInputSite,
+  loraInputDims,
   loraSites,
   OUTPUT,
   type PeftLayout,
@@ -360,17 +361,18 @@ class LlamaGraph {
       // them in place: a Gather from the slot pool would copy them every step. Rows, parts and rank are per
       // site: a site no adapter of the step targets is fed at rank 0 and one row, and onnxruntime plans buffers
       // assuming inputs that share a dim name share its size.
-      const [rows, parts, rank] = [`lora_rows_${site}`, `lora_parts_${site}`, `lora_rank_${site}`];
-      const shared = isSharedInputSite(site);
+      const dims = loraInputDims(site, {
+        rows: `lora_rows_${site}`,
+        parts: `lora_parts_${site}`,
+        inDim,
+        rank: `lora_rank_${site}`,
+        width,
+      });
       for (let l = 0; l < L; l++) {
-        g.input(
-          INPUT.loraA(l, site),
-          DataType.FLOAT,
-          shared ? [rows, parts, inDim, rank] : [rows, inDim, rank],
-        );
-        g.input(INPUT.loraB(l, site), DataType.FLOAT, shared ? [rows, 1, rank, width] : [rows, rank, width]);
+        g.input(INPUT.loraA(l, site), DataType.FLOAT, dims.a);
+        g.input(INPUT.loraB(l, site), DataType.FLOAT, dims.b);
       }
-      if (shared) g.input(INPUT.loraMask(site), DataType.FLOAT, [parts, 1, width]);
+      if (dims.mask) g.input(INPUT.loraMask(site), DataType.FLOAT, dims.mask);
     }
     for (const { site, width } of ia3Sites(spec, peft.ia3Targets)) {
       g.input(INPUT.ia3(site), DataType.FLOAT, ["ia3_rows", width]);
