@@ -89,3 +89,24 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
     assert.deepEqual(kindsRead(`decoder_all_${phase}_then`), ["bottleneck", "ia3", "lora"]);
   }
 });
+
+test("PEFT inputs are declared per fused product, not per projection (each input costs binding time every step)", () => {
+  const { spec, weights } = makeRandomModel({}, 3);
+  const inputsOf = (peft: PeftLayout) =>
+    llamaGraph(spec, weights, { peft, rope: "contrib" }, "w.bin").inputs.map((i) => i.name);
+  const base = inputsOf(NONE).length;
+  const full = inputsOf(FULL_PEFT_LAYOUT);
+  const lora = full.filter((n) => n.startsWith("lora_a.") || n.startsWith("lora_b."));
+  assert.equal(lora.length, 8 * spec.numLayers, "A and B per layer at qkv, o_proj, gate_up and down_proj");
+  assert.deepEqual(
+    full.filter((n) => n.startsWith("lora_mask.")),
+    ["lora_mask.qkv", "lora_mask.gate_up"],
+  );
+  assert.equal(
+    full.length,
+    base + 8 * spec.numLayers + 2 + 4 + 8,
+    "plus 4 IA3 pools and 8 bottleneck inputs",
+  );
+  const qv = inputsOf({ ...NONE, loraTargets: ["q_proj", "v_proj"] });
+  assert.equal(qv.length, base + 2 * spec.numLayers + 1, "q and v share the qkv site's inputs");
+});
