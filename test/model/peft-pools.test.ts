@@ -176,27 +176,32 @@ test("each part of a shared-input site gets its own A block and B columns; other
       }
     return { lora: weights };
   };
-  pools.writeSlot("lora", 1, adapter(["q_proj", "v_proj"], 2));
-  pools.writeSlot("lora", 2, adapter(["k_proj"], 3));
+  const rank = 2;
+  pools.writeSlot("lora", 1, adapter(["q_proj", "v_proj"], rank));
+  const before = fed(pools, BigInt64Array.of(1n, 0n));
+  assert.equal(partOf(before, "k_proj"), -1, "k is no part while no resident adapter targets it");
+  assert.equal(before[INPUT.loraA(0, "qkv")]!.dims[1], 2, "two parts: q and v");
+  assert.equal(rankOf(before, "v_proj", 2), rank);
+  // A k adapter arriving (hot-load) adds a part at the same rank: the rows are laid out again.
+  pools.writeSlot("lora", 2, adapter(["k_proj"], rank));
   const feeds = fed(pools, BigInt64Array.of(2n, 1n, 0n));
   const slotOfRow = [2, 1, 0];
   for (const m of ["q_proj", "k_proj", "v_proj"] as Target[]) {
-    assert.equal(rankOf(feeds, m, 3), 3, `${m}: the site's largest resident rank`);
+    assert.equal(rankOf(feeds, m, 3), rank, `${m}: the adapters' rank`);
     const { inDim, outDim } = projectionDims(spec, m);
     for (let l = 0; l < spec.numLayers; l++)
       slotOfRow.forEach((slot, row) => {
-        const rank = slot === 1 ? 2 : 3;
         const owns = (slot === 1 && m !== "k_proj") || (slot === 2 && m === "k_proj");
         const a = rowA(feeds, l, m, row);
         const b = rowB(feeds, l, m, row);
         for (let i = 0; i < inDim; i++)
-          for (let k = 0; k < 3; k++) {
-            const want = owns && k < rank ? valueA(m, l, k, i) : 0;
-            assert.ok(Math.abs(a[i * 3 + k]! - want) < 1e-6, `A ${m} layer ${l} row ${row} [${i}, ${k}]`);
+          for (let k = 0; k < rank; k++) {
+            const want = owns ? valueA(m, l, k, i) : 0;
+            assert.ok(Math.abs(a[i * rank + k]! - want) < 1e-6, `A ${m} layer ${l} row ${row} [${i}, ${k}]`);
           }
-        for (let k = 0; k < 3; k++)
+        for (let k = 0; k < rank; k++)
           for (let o = 0; o < outDim; o++) {
-            const want = owns && k < rank ? valueB(m, l, o, k) : 0;
+            const want = owns ? valueB(m, l, o, k) : 0;
             assert.ok(
               Math.abs(b[k * outDim + o]! - want) < 1e-6,
               `B ${m} layer ${l} row ${row} [${k}, ${o}]`,
