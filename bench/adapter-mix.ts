@@ -150,17 +150,28 @@ export async function runAdapterMix(options: AdapterMixOptions) {
         decodeTokS: median((s) => s.decodeTokS),
         itlMsP50: median((s) => s.itlMsP50),
         ttftMsP50: median((s) => s.ttftMsP50),
+        // Kept per round so a reader can see how far one round's figure moves from the next.
+        decodeTokSPerRound: list.map((s) => s.decodeTokS),
       });
     }
   } finally {
     await server.stop();
   }
   const base = rows[0]!;
-  return rows.map((row) => ({
-    ...row,
-    throughputVsBase: row.throughputTokS / base.throughputTokS,
-    decodeVsBase: row.decodeTokS / base.decodeTokS,
-  }));
+  return rows.map((row) => {
+    // Each round's ratio against the base-only figure of the same round: their spread is the noise a ratio
+    // carries on this machine.
+    const perRound = row.decodeTokSPerRound
+      .map((v, i) => v / base.decodeTokSPerRound[i]!)
+      .filter((x) => Number.isFinite(x));
+    return {
+      ...row,
+      throughputVsBase: row.throughputTokS / base.throughputTokS,
+      decodeVsBase: row.decodeTokS / base.decodeTokS,
+      decodeVsBaseRange:
+        perRound.length > 0 ? ([Math.min(...perRound), Math.max(...perRound)] as const) : null,
+    };
+  });
 }
 
 export function printAdapterMix(rows: Awaited<ReturnType<typeof runAdapterMix>>, concurrency: number): void {
@@ -172,6 +183,7 @@ export function printAdapterMix(rows: Awaited<ReturnType<typeof runAdapterMix>>,
       "x base": r.throughputVsBase.toFixed(3),
       "decode tok/s": r.decodeTokS.toFixed(1),
       "decode x base": r.decodeVsBase.toFixed(3),
+      "per round": r.decodeVsBaseRange ? r.decodeVsBaseRange.map((x) => x.toFixed(2)).join("-") : "-",
       "itl p50 ms": r.itlMsP50.toFixed(1),
       errors: r.errors,
     })),
