@@ -39,7 +39,7 @@ const EMPTY = new Float32Array(0);
 const f32 = (data: Float32Array, dims: number[]): FeedValue => ({ type: "float32", data, dims });
 
 export class PeftPools {
-  private lora = new Map<Projection, { a: Float32Array; b: Float32Array }>();
+  private lora = new Map<Projection, LoraPool>();
   /** one pool per IA3 site of the layout (contract.ts SITES) */
   private ia3 = new Map<Site, Float32Array>();
   private readonly ia3Sites: readonly SiteLayout[];
@@ -97,7 +97,11 @@ export class PeftPools {
       const r = capacity.maxLoraRank;
       for (const m of this.layout.loraTargets) {
         const { inDim, outDim } = projectionDims(spec, m);
-        this.lora.set(m, { a: new Float32Array(rows * inDim * r), b: new Float32Array(rows * r * outDim) });
+        this.lora.set(m, {
+          a: new Float32Array(rows * inDim * r),
+          b: new Float32Array(rows * r * outDim),
+          rank: r,
+        });
       }
     } else if (kind === "ia3" && this.ia3.size === 0) {
       for (const { site, width } of this.ia3Sites) {
@@ -220,8 +224,6 @@ export class PeftPools {
         for (const m of this.loraTargetsOf.get(Number(loraSlots[i]))?.keys() ?? []) targeted.add(m);
       }
       const versionOf = (slot: number) => this.loraVersions.get(slot) ?? 0;
-      const pools = new Map<Projection, LoraPool>();
-      for (const [m, pool] of this.lora) pools.set(m, { ...pool, rank: this.capacity.maxLoraRank });
       for (const site of this.loraSites) {
         if (!site.parts.some((m) => targeted.has(m))) continue;
         // The rows hold the site's projections some resident adapter targets, at the largest rank any resident
@@ -234,7 +236,7 @@ export class PeftPools {
           rank = Math.max(rank, partRank);
           return partRank > 0;
         });
-        this.loraRows.feeds(site, parts, rank, pools, loraSlots, versionOf, feeds);
+        this.loraRows.feeds(site, parts, rank, this.lora, loraSlots, versionOf, feeds);
       }
     }
     if (used.ia3 && this.ia3.size) {
