@@ -20,9 +20,11 @@
  *                                             resident adapter targets ("parts"), each its own A
  *                                             lora_b.{l}.{s} [B_s, 1, r_s, width]  the parts' B side by side, at their
  *                                             columns of the fused output (zeros elsewhere)
- *                                             lora_mask.{s}  [J_s, 1, width]       1 at part j's columns
- *                     so (x A_j) B is computed for every part j at once (M=1 products at decode, B read from cache)
- *                     and the mask keeps part j's own columns: two inputs a layer instead of two per projection
+ *                                             lora_columns.{s} int64 [width / k_s]  per block of k_s output columns
+ *                                             (k_s: SiteLayout.block), the block of the J_s products that holds it
+ *                     so (x A_j) B is computed for every part j at once, as one M=J_s product a row and token (B
+ *                     read once), and a Gather keeps part j's own columns: two inputs a layer instead of two per
+ *                     projection
  * The other pools stack every layer of every slot on axis 0, slot-major: row = slot * numLayers + layer, so one
  * slot is one contiguous block and each layer gathers its rows with a single Gather (no per-layer slicing):
  *   ia3.{site} [S*L, width]       one pool per SITES entry (a fused product): the site's projections' vectors
@@ -83,7 +85,11 @@ export interface SiteLayout {
   width: number;
   /** where each targeted projection starts within the site's width */
   columns: Map<Projection, number>;
+  /** the largest width dividing every projection's width at the site: columns are picked in blocks of it */
+  block: number;
 }
+
+const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
 
 /** The sites `targets` fall in, in SITES order, each projection `widthOf` wide. */
 function siteLayouts(targets: readonly Projection[], widthOf: (m: Projection) => number): SiteLayout[] {
@@ -93,11 +99,13 @@ function siteLayouts(targets: readonly Projection[], widthOf: (m: Projection) =>
     if (parts.length === 0) continue;
     const columns = new Map<Projection, number>();
     let width = 0;
+    let block = 0;
     for (const m of projections) {
       if (parts.includes(m)) columns.set(m, width);
       width += widthOf(m);
+      block = gcd(widthOf(m), block);
     }
-    sites.push({ site, parts, width, columns });
+    sites.push({ site, parts, width, columns, block });
   }
   return sites;
 }
@@ -121,20 +129,21 @@ export function loraSites(
   return siteLayouts(targets, (m) => projectionDims(spec, m).outDim);
 }
 
-/** Whether a site's LoRA runs as parts of a shared-input product (lora_mask, 4-D A) or plainly. */
+/** Whether a site's LoRA runs as parts of a shared-input product (lora_columns, 4-D A) or plainly. */
 export const isSharedInputSite = (site: Site): boolean => SITES[site].length > 1;
 
 /** The shapes of a site's LoRA inputs (the contract above): symbolic in the graph, numbers in a step's feeds. */
 export function loraInputDims<D extends number | string>(
-  site: Site,
-  d: { rows: D; parts: D; inDim: number; rank: D; width: number },
-): { a: (D | number)[]; b: (D | number)[]; mask: (D | number)[] | null } {
+  layout: SiteLayout,
+  d: { rows: D; parts: D; inDim: number; rank: D },
+): { a: (D | number)[]; b: (D | number)[]; columns: number[] | null } {
+  const { site, width, block } = layout;
   if (!isSharedInputSite(site))
-    return { a: [d.rows, d.inDim, d.rank], b: [d.rows, d.rank, d.width], mask: null };
+    return { a: [d.rows, d.inDim, d.rank], b: [d.rows, d.rank, width], columns: null };
   return {
     a: [d.rows, d.parts, d.inDim, d.rank],
-    b: [d.rows, 1, d.rank, d.width],
-    mask: [d.parts, 1, d.width],
+    b: [d.rows, 1, d.rank, width],
+    columns: [width / block],
   };
 }
 
@@ -154,7 +163,7 @@ export const INPUT = {
   pastValue: (layer: number) => `past_value.${layer}`,
   loraA: (layer: number, site: Site) => `lora_a.${layer}.${site}`,
   loraB: (layer: number, site: Site) => `lora_b.${layer}.${site}`,
-  loraMask: (site: Site) => `lora_mask.${site}`,
+  loraColumns: (site: Site) => `lora_columns.${site}`,
   ia3: (site: Site) => `ia3.${site}`,
   bottleneckDown: (p: BottleneckPlace) => `bottleneck_down.${p}`,
   bottleneckDownBias: (p: BottleneckPlace) => `bottleneck_down_bias.${p}`,

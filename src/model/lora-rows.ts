@@ -11,6 +11,7 @@
  */
 import {
   INPUT,
+  isSharedInputSite,
   loraInputDims,
   type Projection,
   projectionDims,
@@ -46,8 +47,8 @@ interface SiteRows {
   a: Float32Array;
   /** [layer][row][r][width]: each part's B at its columns of the site's output, zeros elsewhere */
   b: Float32Array;
-  /** [J, 1, width], 1 at part j's columns (shared-input sites only) */
-  mask: FeedValue | null;
+  /** per block of the site's output columns, the block of the parts' products holding it (shared-input sites) */
+  columns: FeedValue | null;
   /** per row: the slot and that slot's version its copy holds (-1: none) */
   slot: Int32Array;
   version: Int32Array;
@@ -56,7 +57,7 @@ interface SiteRows {
 /** A site's rows at rank 0, one row broadcasting over the batch: what a step that does not target the site gets. */
 export function zeroRankLora(spec: ModelSpec, layout: SiteLayout): Record<string, FeedValue> {
   const { inDim } = projectionDims(spec, layout.parts[0]!);
-  const dims = loraInputDims(layout.site, { rows: 1, parts: 1, inDim, rank: 0, width: layout.width });
+  const dims = loraInputDims(layout, { rows: 1, parts: 1, inDim, rank: 0 });
   const empty = new Float32Array(0);
   const a: FeedValue = { type: "float32", data: empty, dims: dims.a };
   const b: FeedValue = { type: "float32", data: empty, dims: dims.b };
@@ -65,15 +66,28 @@ export function zeroRankLora(spec: ModelSpec, layout: SiteLayout): Record<string
     feeds[INPUT.loraA(l, layout.site)] = a;
     feeds[INPUT.loraB(l, layout.site)] = b;
   }
-  if (dims.mask) {
-    // Any values do: at rank 0 every part's product is zero.
-    feeds[INPUT.loraMask(layout.site)] = {
-      type: "float32",
-      data: new Float32Array(layout.width),
-      dims: dims.mask,
-    };
-  }
+  // At rank 0 every product is zero, so the one part's own blocks do.
+  if (dims.columns) feeds[INPUT.loraColumns(layout.site)] = partColumns(spec, layout, []);
   return feeds;
+}
+
+/**
+ * lora_columns for `parts` at a site (contract.ts): block q of the site's output comes from the product of the part
+ * whose columns hold it, block j * (width / block) + q of the parts' products side by side. Columns no part holds
+ * take part 0's block: B is zero there, so every part's product is.
+ */
+function partColumns(spec: ModelSpec, layout: SiteLayout, parts: readonly Projection[]): FeedValue {
+  const blocks = layout.width / layout.block;
+  const data = new BigInt64Array(blocks);
+  for (let q = 0; q < blocks; q++) {
+    const column = q * layout.block;
+    const j = parts.findIndex((m) => {
+      const start = layout.columns.get(m)!;
+      return column >= start && column < start + projectionDims(spec, m).outDim;
+    });
+    data[q] = BigInt(Math.max(j, 0) * blocks + q);
+  }
+  return { type: "int64", data, dims: [blocks] };
 }
 
 export class LoraRows {
@@ -140,7 +154,7 @@ export class LoraRows {
       rows.slot[i] = slot;
       rows.version[i] = version;
     }
-    const dims = loraInputDims(site.site, { rows: B, parts: J, inDim, rank, width: site.width });
+    const dims = loraInputDims(site, { rows: B, parts: J, inDim, rank });
     for (let l = 0; l < L; l++) {
       const first = l * this.capacity;
       into[INPUT.loraA(l, site.site)] = {
@@ -154,7 +168,7 @@ export class LoraRows {
         dims: dims.b,
       };
     }
-    if (rows.mask) into[INPUT.loraMask(site.site)] = rows.mask;
+    if (rows.columns) into[INPUT.loraColumns(site.site)] = rows.columns;
   }
 
   private ensureCapacity(rowsNeeded: number): void {
@@ -169,28 +183,12 @@ export class LoraRows {
     if (!rows || rows.rank !== rank || rows.parts.join() !== parts.join()) {
       const { inDim } = projectionDims(this.spec, parts[0]!);
       const perLayer = this.capacity * rank;
-      let mask: FeedValue | null = null;
-      const maskDims = loraInputDims(site.site, {
-        rows: 0,
-        parts: parts.length,
-        inDim,
-        rank,
-        width: site.width,
-      }).mask;
-      if (maskDims) {
-        const ones = new Float32Array(parts.length * site.width);
-        parts.forEach((m, j) => {
-          const column = j * site.width + site.columns.get(m)!;
-          ones.fill(1, column, column + projectionDims(this.spec, m).outDim);
-        });
-        mask = { type: "float32", data: ones, dims: maskDims };
-      }
       rows = {
         rank,
         parts: [...parts],
         a: new Float32Array(this.spec.numLayers * perLayer * parts.length * inDim),
         b: new Float32Array(this.spec.numLayers * perLayer * site.width),
-        mask,
+        columns: isSharedInputSite(site.site) ? partColumns(this.spec, site, parts) : null,
         slot: new Int32Array(this.capacity).fill(-1),
         version: new Int32Array(this.capacity).fill(-1),
       };

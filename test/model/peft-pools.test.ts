@@ -52,26 +52,36 @@ const columnOf = (m: Target) =>
     .columns.get(m)!;
 
 /**
- * Which part of its site's rows projection m is fed as in `feeds` (-1: none), read from the site's mask, which
- * must hold ones exactly at each part's columns.
+ * Which part of its site's rows projection m is fed as in `feeds` (-1: none), read from the site's lora_columns:
+ * every block of m's output columns must come from the same part's product, at that block's own place. Columns
+ * no part holds point at part 0's product (B is zero there), so m counts as a part only if its B columns are not
+ * all zero (the adapters here never have an all-zero B).
  */
 const partOf = (feeds: Feeds, m: Target): number => {
   const site = siteOf(m);
   if (!isSharedInputSite(site)) return 0;
-  const mask = feeds[INPUT.loraMask(site)]!;
-  const [parts, one, width] = mask.dims as number[];
-  assert.equal(one, 1, `${site}: mask broadcasts over tokens`);
+  const layout = loraSites(spec, FULL_PEFT_LAYOUT.loraTargets).find((s) => s.site === site)!;
+  const columns = feeds[INPUT.loraColumns(site)]!;
+  const blocks = layout.width / layout.block;
+  assert.deepEqual(columns.dims, [blocks], `${site}: a column index per block`);
+  const parts = feeds[INPUT.loraA(0, site)]!.dims[1]!;
   const { outDim } = projectionDims(spec, m);
-  for (let j = 0; j < parts!; j++) {
-    const own = mask.data.subarray(j * width! + columnOf(m), j * width! + columnOf(m) + outDim);
-    if (own.every((v) => v === 1)) {
-      const total = (mask.data as Float32Array)
-        .subarray(j * width!, (j + 1) * width!)
-        .reduce((a, v) => a + v, 0);
-      assert.equal(total, outDim, `${site}: part ${j} (${m}) keeps only its own columns`);
-      return j;
-    }
+  const own = new Set<number>();
+  for (let q = columnOf(m) / layout.block; q < (columnOf(m) + outDim) / layout.block; q++) {
+    const index = Number(columns.data[q]);
+    assert.equal(index % blocks, q, `${site}: block ${q} is taken from its own place`);
+    own.add(Math.floor(index / blocks));
   }
+  assert.equal(own.size, 1, `${site}: ${m}'s columns all come from one part`);
+  const j = [...own][0]!;
+  assert.ok(j < parts, `${site}: ${m} points at one of the ${parts} parts`);
+  const b = feeds[INPUT.loraB(0, site)]!;
+  const [rows, , rank, width] = b.dims as number[];
+  for (let row = 0; row < rows!; row++)
+    for (let k = 0; k < rank!; k++) {
+      const at = (row * rank! + k) * width! + columnOf(m);
+      if ((b.data as Float32Array).subarray(at, at + outDim).some((v) => v !== 0)) return j;
+    }
   return -1;
 };
 
@@ -97,7 +107,6 @@ const rankOf = (feeds: Feeds, m: Target, batch: number) => {
     assert.equal(b.dims[b.dims.length - 2], rank, `${site}: A and B ranks agree`);
     if (shared) {
       assert.equal(b.dims[1], 1, `${site}: one B a row, shared by its parts`);
-      assert.equal(a.dims[1], feeds[INPUT.loraMask(site)]!.dims[0], `${site}: A has a block per part`);
     }
     for (const [what, x] of [
       ["A", a],

@@ -6,19 +6,37 @@ import { FULL_PEFT_LAYOUT, type PeftLayout, PROJECTIONS } from "../../../src/mod
 import { makeRandomModel } from "../../helpers/random-model.ts";
 
 const NONE: PeftLayout = { loraTargets: [], ia3Targets: [], bottleneck: false };
-const names = (layout: PeftLayout) => decoderVariants(layout).map((v) => `${v.name}:${v.kinds.join("+")}`);
+const names = (layout: PeftLayout) => decoderVariants(layout).map((v) => `${v.name}:${v.serves.join("+")}`);
 
 test("decoder variants: a copy per adapter kind when the layout has several, one with every path last", () => {
   assert.deepEqual(names(NONE), ["base:"]);
   assert.deepEqual(names({ ...NONE, loraTargets: ["q_proj"] }), ["base:", "all:lora"]);
   assert.deepEqual(names({ ...NONE, bottleneck: true }), ["base:", "all:bottleneck"]);
-  assert.deepEqual(names(FULL_PEFT_LAYOUT), ["base:", "lora:lora", "ia3:ia3", "all:lora+ia3+bottleneck"]);
+  assert.deepEqual(names(FULL_PEFT_LAYOUT), [
+    "base:",
+    "lora_attention:lora",
+    "lora:lora+lora_mlp",
+    "ia3:ia3",
+    "all:lora+ia3+bottleneck+lora_mlp",
+  ]);
   assert.deepEqual(names({ ...NONE, ia3Targets: ["k_proj"], bottleneck: true }), [
     "base:",
     "ia3:ia3",
     "all:ia3+bottleneck",
   ]);
-  const [, lora, ia3, all] = decoderVariants(FULL_PEFT_LAYOUT);
+  // LoRA on the MLP only, or on attention and MLP without other kinds.
+  assert.deepEqual(names({ ...NONE, loraTargets: ["down_proj"] }), ["base:", "all:lora+lora_mlp"]);
+  assert.deepEqual(names({ ...NONE, loraTargets: ["v_proj", "up_proj"] }), [
+    "base:",
+    "lora_attention:lora",
+    "all:lora+lora_mlp",
+  ]);
+  const [, attention, lora, ia3, all] = decoderVariants(FULL_PEFT_LAYOUT);
+  assert.deepEqual(attention!.layout, {
+    loraTargets: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ia3Targets: [],
+    bottleneck: false,
+  });
   assert.deepEqual(lora!.layout, { loraTargets: [...PROJECTIONS], ia3Targets: [], bottleneck: false });
   assert.deepEqual(ia3!.layout, { loraTargets: [], ia3Targets: [...PROJECTIONS], bottleneck: false });
   assert.deepEqual(all!.layout, FULL_PEFT_LAYOUT);
@@ -53,7 +71,7 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
     )
       branches.set(then.graph.name, readsOf(then.graph));
   }
-  const copies = ["base", "lora", "ia3", "all"].flatMap((v) =>
+  const copies = ["base", "lora_attention", "lora", "ia3", "all"].flatMap((v) =>
     ["decode", "prefill"].map((phase) => `decoder_${v}_${phase}_then`),
   );
   assert.deepEqual(
@@ -84,9 +102,18 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
     [...new Set([...branches.get(name)!].map(kindOf).filter((k) => k !== null))].sort();
   for (const phase of ["decode", "prefill"]) {
     assert.deepEqual(kindsRead(`decoder_base_${phase}_then`), []);
+    assert.deepEqual(kindsRead(`decoder_lora_attention_${phase}_then`), ["lora"]);
     assert.deepEqual(kindsRead(`decoder_lora_${phase}_then`), ["lora"]);
     assert.deepEqual(kindsRead(`decoder_ia3_${phase}_then`), ["ia3"]);
     assert.deepEqual(kindsRead(`decoder_all_${phase}_then`), ["bottleneck", "ia3", "lora"]);
+    const loraSitesRead = (name: string) =>
+      [
+        ...new Set(
+          [...branches.get(name)!].filter((i) => i.startsWith("lora_a.")).map((i) => i.split(".")[2]),
+        ),
+      ].sort();
+    assert.deepEqual(loraSitesRead(`decoder_lora_attention_${phase}_then`), ["o_proj", "qkv"]);
+    assert.deepEqual(loraSitesRead(`decoder_lora_${phase}_then`), ["down_proj", "gate_up", "o_proj", "qkv"]);
   }
 });
 
@@ -99,8 +126,8 @@ test("PEFT inputs are declared per fused product, not per projection (each input
   const lora = full.filter((n) => n.startsWith("lora_a.") || n.startsWith("lora_b."));
   assert.equal(lora.length, 8 * spec.numLayers, "A and B per layer at qkv, o_proj, gate_up and down_proj");
   assert.deepEqual(
-    full.filter((n) => n.startsWith("lora_mask.")),
-    ["lora_mask.qkv", "lora_mask.gate_up"],
+    full.filter((n) => n.startsWith("lora_columns.")),
+    ["lora_columns.qkv", "lora_columns.gate_up"],
   );
   assert.equal(
     full.length,
