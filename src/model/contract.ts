@@ -29,6 +29,8 @@
  * slot is one contiguous block and each layer gathers its rows with a single Gather (no per-layer slicing):
  *   ia3.{site} [S*L, width]       one pool per SITES entry (a fused product): the site's projections' vectors
  *                                 side by side (output scale for qkv, o_proj, gate_up; input scale for down_proj)
+ *   ia3_wide bool []             some row's IA3 adapter scales o_proj, gate or up (IA3_WIDE_SITES); only in graphs
+ *                                 whose IA3 targets include those and others (hasIa3WideFlag)
  *   bottleneck_down.{p} [S*L, D, rb], bottleneck_down_bias.{p} [S*L, rb],
  *   bottleneck_up.{p} [S*L, rb, D], bottleneck_up_bias.{p} [S*L, D]   p in {attn, mlp}; rb may be 0
  * Outputs:
@@ -165,6 +167,7 @@ export const INPUT = {
   loraB: (layer: number, site: Site) => `lora_b.${layer}.${site}`,
   loraColumns: (site: Site) => `lora_columns.${site}`,
   ia3: (site: Site) => `ia3.${site}`,
+  ia3Wide: "ia3_wide",
   bottleneckDown: (p: BottleneckPlace) => `bottleneck_down.${p}`,
   bottleneckDownBias: (p: BottleneckPlace) => `bottleneck_down_bias.${p}`,
   bottleneckUp: (p: BottleneckPlace) => `bottleneck_up.${p}`,
@@ -183,6 +186,22 @@ export interface PeftLayout {
   loraTargets: Projection[];
   ia3Targets: Projection[];
   bottleneck: boolean;
+}
+
+/** The site a projection's product belongs to. */
+export const siteOfProjection = (m: Projection): Site =>
+  (Object.keys(SITES) as Site[]).find((site) => (SITES[site] as readonly Projection[]).includes(m))!;
+
+/**
+ * IA3 sites beyond PEFT's default targets for Llama (k_proj and v_proj's outputs, down_proj's input): the graph
+ * has a decoder copy without them for steps whose IA3 adapters scale only q, k, v and down (the ia3_wide input).
+ */
+export const IA3_WIDE_SITES: readonly Site[] = ["o_proj", "gate_up"];
+
+/** Whether a graph of `layout` has the ia3_wide input: its IA3 targets fall in wide sites and in others. */
+export function hasIa3WideFlag(layout: PeftLayout): boolean {
+  const wide = layout.ia3Targets.map((m) => IA3_WIDE_SITES.includes(siteOfProjection(m)));
+  return wide.includes(true) && wide.includes(false);
 }
 
 export const FULL_PEFT_LAYOUT: PeftLayout = {

@@ -9,6 +9,8 @@
 import {
   BOTTLENECK_PLACES,
   type BottleneckPlace,
+  hasIa3WideFlag,
+  IA3_WIDE_SITES,
   INPUT,
   ia3Sites,
   loraSites,
@@ -38,6 +40,8 @@ export interface PoolCapacity {
 const EMPTY = new Float32Array(0);
 const f32 = (data: Float32Array, dims: number[]): FeedValue => ({ type: "float32", data, dims });
 
+const IA3_WIDE: FeedValue = { type: "bool", data: Uint8Array.of(1), dims: [] };
+
 export class PeftPools {
   private lora = new Map<Projection, LoraPool>();
   /** one pool per IA3 site of the layout (contract.ts SITES) */
@@ -55,6 +59,8 @@ export class PeftPools {
   readonly defaults: Readonly<Record<string, FeedValue>>;
   /** LoRA slot -> the projections its adapter has weights for, and its rank on each. */
   private readonly loraTargetsOf = new Map<number, Map<Projection, number>>();
+  /** IA3 slot -> the sites its adapter scales (a site none of a step's rows scales is fed its identity). */
+  private readonly ia3SitesOf = new Map<number, Set<Site>>();
   /** LoRA slot -> how many times it was written or cleared, so row copies of an older adapter are refreshed. */
   private readonly loraVersions = new Map<number, number>();
   private readonly loraRows: LoraRows;
@@ -75,6 +81,7 @@ export class PeftPools {
     for (const { site, width } of this.ia3Sites) {
       identity[INPUT.ia3(site)] = f32(new Float32Array(L * width).fill(1), [L, width]);
     }
+    if (hasIa3WideFlag(layout)) identity[INPUT.ia3Wide] = { type: "bool", data: Uint8Array.of(0), dims: [] };
     if (layout.bottleneck) {
       for (const p of BOTTLENECK_PLACES) {
         identity[INPUT.bottleneckDown(p)] = f32(new Float32Array(0), [L, D, 0]);
@@ -134,7 +141,10 @@ export class PeftPools {
         for (const { site, width, columns } of this.ia3Sites) {
           for (const [m, column] of columns) {
             const v = weights.ia3?.get(moduleKey(l, m));
-            if (v) this.ia3.get(site)!.set(v, row * width + column);
+            if (!v) continue;
+            this.ia3.get(site)!.set(v, row * width + column);
+            const sites = this.ia3SitesOf.get(slot) ?? new Set<Site>();
+            this.ia3SitesOf.set(slot, sites.add(site));
           }
         }
       }
@@ -188,6 +198,7 @@ export class PeftPools {
         pool.b.fill(0, ...span(outDim * this.capacity.maxLoraRank));
       }
     } else if (kind === "ia3") {
+      this.ia3SitesOf.delete(slot);
       for (const { site, width } of this.ia3Sites) this.ia3.get(site)?.fill(1, ...span(width));
     } else {
       const D = this.spec.hiddenSize;
@@ -211,10 +222,15 @@ export class PeftPools {
   }
 
   /**
-   * The pool feeds a step changes from `defaults`: a kind no row uses keeps the identity. `loraSlots` are the
-   * step's rows' LoRA slots: a site none of their adapters targets keeps its rank-0 default.
+   * The pool feeds a step changes from `defaults`: a kind no row uses keeps the identity. `loraSlots` and
+   * `ia3Slots` are the step's rows' slots: a LoRA site none of their adapters targets keeps its rank-0 default,
+   * and ia3_wide says whether one of their IA3 adapters scales a wide site (IA3_WIDE_SITES).
    */
-  feeds(used: Record<PoolKind, boolean>, loraSlots: ArrayLike<bigint> = []): Record<string, FeedValue> {
+  feeds(
+    used: Record<PoolKind, boolean>,
+    loraSlots: ArrayLike<bigint> = [],
+    ia3Slots: ArrayLike<bigint> = [],
+  ): Record<string, FeedValue> {
     const feeds: Record<string, FeedValue> = {};
     const D = this.spec.hiddenSize;
     if (!used.lora) this.loraRows.idleStep();
@@ -242,6 +258,13 @@ export class PeftPools {
     if (used.ia3 && this.ia3.size) {
       for (const { site, width } of this.ia3Sites)
         feeds[INPUT.ia3(site)] = f32(this.ia3.get(site)!, [this.rows(this.capacity.ia3Slots), width]);
+      if (hasIa3WideFlag(this.layout)) {
+        let wide = false;
+        for (let i = 0; i < ia3Slots.length && !wide; i++)
+          for (const site of this.ia3SitesOf.get(Number(ia3Slots[i])) ?? [])
+            wide ||= IA3_WIDE_SITES.includes(site);
+        if (wide) feeds[INPUT.ia3Wide] = IA3_WIDE;
+      }
     }
     if (used.bottleneck && this.bottleneck.size) {
       const rows = this.rows(this.capacity.bottleneckSlots);

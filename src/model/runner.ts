@@ -65,7 +65,7 @@ export class ModelRunner implements ModelBackend {
       bottleneck: used(batch.bottleneckSlots),
     };
     const feeds: Record<string, FeedValue> = {
-      ...this.pools.feeds(usage, batch.loraSlots),
+      ...this.pools.feeds(usage, batch.loraSlots, batch.ia3Slots),
       [INPUT.inputIds]: { type: "int64", data: batch.inputIds, dims: [B, T] },
       [INPUT.positionIds]: { type: "int64", data: batch.positionIds, dims: [B, T] },
       [INPUT.attentionMask]: { type: "bool", data: mask, dims: [B, 1, T, pastFed + T] },

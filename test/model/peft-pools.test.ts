@@ -394,3 +394,28 @@ test("IA3 vectors land in their site's pool at their projection's columns; the r
       `${site} cleared to ones`,
     );
 });
+
+test("ia3_wide is set exactly when a row's IA3 adapter scales o, gate or up", () => {
+  const pools = new PeftPools(spec, FULL_PEFT_LAYOUT, CAPACITY);
+  const vectors = (targets: Target[]) => {
+    const ia3 = new Map<string, Float32Array>();
+    for (let l = 0; l < spec.numLayers; l++)
+      for (const m of targets) ia3.set(moduleKey(l, m), new Float32Array(ia3Dim(spec, m)).fill(1.5));
+    return { ia3 };
+  };
+  pools.writeSlot("ia3", 1, vectors(["k_proj", "v_proj", "down_proj"]));
+  pools.writeSlot("ia3", 2, vectors(["up_proj"]));
+  const wide = (slots: bigint[]) => {
+    const feeds = {
+      ...pools.defaults,
+      ...pools.feeds({ lora: false, ia3: true, bottleneck: false }, [], slots),
+    };
+    return feeds[INPUT.ia3Wide]!.data[0] === 1;
+  };
+  assert.equal(pools.defaults[INPUT.ia3Wide]!.data[0], 0, "the default says no");
+  assert.equal(wide([1n, 0n, 1n]), false, "k, v and down only");
+  assert.equal(wide([1n, 2n]), true, "a row scaling up");
+  pools.clearSlot("ia3", 2);
+  pools.writeSlot("ia3", 2, vectors(["q_proj"]));
+  assert.equal(wide([2n]), false, "a rewritten slot forgets its old sites");
+});

@@ -10,7 +10,7 @@ import { buildLlamaGraph, type GraphOptions } from "./llama-graph.ts";
 import { bitsOf, QUANT_BLOCK_SIZE } from "./quantize.ts";
 
 /** Bump when the graph layout changes, so stale cached graphs are never loaded. */
-export const BUILDER_VERSION = 20;
+export const BUILDER_VERSION = 21;
 
 export interface BuiltGraph {
   modelPath: string;

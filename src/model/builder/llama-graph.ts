@@ -8,6 +8,8 @@ import {
   type AdapterPoolKind,
   BOTTLENECK_PLACES,
   type BottleneckPlace,
+  hasIa3WideFlag,
+  IA3_WIDE_SITES,
   INPUT,
   ia3Sites,
   isSharedInputSite,
@@ -20,6 +22,7 @@ import {
   SITES,
   type Site,
   type SiteLayout,
+  siteOfProjection,
 } from "../contract.ts";
 import { type ModelSpec, ropeTables } from "../model-spec.ts";
 import { GraphBuilder } from "./graph.ts";
@@ -90,16 +93,17 @@ type Phase = "decode" | "prefill";
 const PHASES: readonly Phase[] = ["decode", "prefill"];
 
 /**
- * What a step may use that a decoder copy must carry paths for: an adapter kind, or LoRA on the MLP's products
- * ("lora_mlp": some row's adapter targets gate, up or down; the runner then feeds those sites above rank 0).
+ * What a step may use that a decoder copy must carry paths for: an adapter kind, LoRA on the MLP's products
+ * ("lora_mlp": some row's adapter targets gate, up or down; the runner then feeds those sites above rank 0), or
+ * IA3 on o, gate or up ("ia3_wide": the ia3_wide input).
  */
-export type DecoderNeed = AdapterPoolKind | "lora_mlp";
-const DECODER_NEEDS: readonly DecoderNeed[] = [...ADAPTER_POOL_KINDS, "lora_mlp"];
+export type DecoderNeed = AdapterPoolKind | "lora_mlp" | "ia3_wide";
+const DECODER_NEEDS: readonly DecoderNeed[] = [...ADAPTER_POOL_KINDS, "lora_mlp", "ia3_wide"];
 
 /** The sites of the MLP block: LoRA there is a need of its own (DecoderNeed). */
 const MLP_SITES: readonly Site[] = ["gate_up", "down_proj"];
-const isMlpProjection = (m: Projection) =>
-  MLP_SITES.some((site) => (SITES[site] as readonly string[]).includes(m));
+const isMlpProjection = (m: Projection) => MLP_SITES.includes(siteOfProjection(m));
+const isIa3WideProjection = (m: Projection) => IA3_WIDE_SITES.includes(siteOfProjection(m));
 
 /** One copy of the decoder: the PEFT paths it carries (null: none) and the needs it serves. */
 export interface DecoderVariant {
@@ -113,7 +117,9 @@ export interface DecoderVariant {
  * more than one kind, one per kind with only that kind's paths; and one with all of them (steps mixing kinds).
  * When the layout has LoRA on both the attention and the MLP products, a copy with only the attention's LoRA paths
  * comes before the other LoRA copies: adapters on q, k, v and o (PEFT's usual targets) then skip the MLP's
- * zero-rank paths, ~11 nodes a layer and 2-3 ms of a 32-row step.
+ * zero-rank paths, ~11 nodes a layer and 2-3 ms of a 32-row step. Likewise a copy with IA3 only at q,k,v and
+ * down (PEFT's default IA3 targets for Llama are k, v and down) comes before the other IA3 copies: scaling o and
+ * gate,up by ones cost 4-5 ms of a 32-row step.
  */
 export function decoderVariants(layout: PeftLayout): DecoderVariant[] {
   const only: Record<AdapterPoolKind, PeftLayout> = {
@@ -128,8 +134,13 @@ export function decoderVariants(layout: PeftLayout): DecoderVariant[] {
   );
   const attentionLora = layout.loraTargets.filter((m) => !isMlpProjection(m));
   const mlpLora = layout.loraTargets.length > attentionLora.length;
-  const withMlp = (needs: DecoderNeed[]): DecoderNeed[] =>
-    mlpLora && needs.includes("lora") ? [...needs, "lora_mlp"] : needs;
+  const wideIa3 = layout.ia3Targets.some(isIa3WideProjection);
+  // A copy with a kind's paths serves that kind's extra needs too.
+  const withExtras = (needs: DecoderNeed[]): DecoderNeed[] => [
+    ...needs,
+    ...(mlpLora && needs.includes("lora") ? (["lora_mlp"] as const) : []),
+    ...(wideIa3 && needs.includes("ia3") ? (["ia3_wide"] as const) : []),
+  ];
   const variants: DecoderVariant[] = [{ name: "base", layout: null, serves: [] }];
   if (mlpLora && attentionLora.length > 0)
     variants.push({
@@ -137,12 +148,22 @@ export function decoderVariants(layout: PeftLayout): DecoderVariant[] {
       layout: { loraTargets: attentionLora, ia3Targets: [], bottleneck: false },
       serves: ["lora"],
     });
+  if (hasIa3WideFlag(layout))
+    variants.push({
+      name: "ia3_qkv_down",
+      layout: {
+        loraTargets: [],
+        ia3Targets: layout.ia3Targets.filter((m) => !isIa3WideProjection(m)),
+        bottleneck: false,
+      },
+      serves: ["ia3"],
+    });
   if (kinds.length > 1) {
     // Bottleneck-only steps are rare enough (Houlsby adapters) to share the all-paths copy.
     for (const k of kinds.filter((k) => k !== "bottleneck"))
-      variants.push({ name: k, layout: only[k], serves: withMlp([k]) });
+      variants.push({ name: k, layout: only[k], serves: withExtras([k]) });
   }
-  if (kinds.length > 0) variants.push({ name: "all", layout, serves: withMlp(kinds) });
+  if (kinds.length > 0) variants.push({ name: "all", layout, serves: withExtras(kinds) });
   return variants;
 }
 
@@ -410,6 +431,10 @@ class LlamaGraph {
     }
     for (const { site, width } of ia3Sites(spec, peft.ia3Targets)) {
       g.input(INPUT.ia3(site), DataType.FLOAT, ["ia3_rows", width]);
+    }
+    if (hasIa3WideFlag(peft)) {
+      g.input(INPUT.ia3Wide, DataType.BOOL, []);
+      shared.used.ia3_wide = INPUT.ia3Wide;
     }
     if (peft.bottleneck) {
       for (const p of BOTTLENECK_PLACES) {

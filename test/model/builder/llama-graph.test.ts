@@ -15,9 +15,18 @@ test("decoder variants: a copy per adapter kind when the layout has several, one
   assert.deepEqual(names(FULL_PEFT_LAYOUT), [
     "base:",
     "lora_attention:lora",
+    "ia3_qkv_down:ia3",
     "lora:lora+lora_mlp",
-    "ia3:ia3",
-    "all:lora+ia3+bottleneck+lora_mlp",
+    "ia3:ia3+ia3_wide",
+    "all:lora+ia3+bottleneck+lora_mlp+ia3_wide",
+  ]);
+  // PEFT's default IA3 targets (k, v, down) need no wide copy; o alone is all wide.
+  assert.deepEqual(names({ ...NONE, ia3Targets: ["k_proj", "v_proj", "down_proj"] }), ["base:", "all:ia3"]);
+  assert.deepEqual(names({ ...NONE, ia3Targets: ["o_proj"] }), ["base:", "all:ia3+ia3_wide"]);
+  assert.deepEqual(names({ ...NONE, ia3Targets: ["v_proj", "up_proj"] }), [
+    "base:",
+    "ia3_qkv_down:ia3",
+    "all:ia3+ia3_wide",
   ]);
   assert.deepEqual(names({ ...NONE, ia3Targets: ["k_proj"], bottleneck: true }), [
     "base:",
@@ -31,10 +40,15 @@ test("decoder variants: a copy per adapter kind when the layout has several, one
     "lora_attention:lora",
     "all:lora+lora_mlp",
   ]);
-  const [, attention, lora, ia3, all] = decoderVariants(FULL_PEFT_LAYOUT);
+  const [, attention, ia3QkvDown, lora, ia3, all] = decoderVariants(FULL_PEFT_LAYOUT);
   assert.deepEqual(attention!.layout, {
     loraTargets: ["q_proj", "k_proj", "v_proj", "o_proj"],
     ia3Targets: [],
+    bottleneck: false,
+  });
+  assert.deepEqual(ia3QkvDown!.layout, {
+    loraTargets: [],
+    ia3Targets: ["q_proj", "k_proj", "v_proj", "down_proj"],
     bottleneck: false,
   });
   assert.deepEqual(lora!.layout, { loraTargets: [...PROJECTIONS], ia3Targets: [], bottleneck: false });
@@ -71,7 +85,7 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
     )
       branches.set(then.graph.name, readsOf(then.graph));
   }
-  const copies = ["base", "lora_attention", "lora", "ia3", "all"].flatMap((v) =>
+  const copies = ["base", "lora_attention", "ia3_qkv_down", "lora", "ia3", "all"].flatMap((v) =>
     ["decode", "prefill"].map((phase) => `decoder_${v}_${phase}_then`),
   );
   assert.deepEqual(
@@ -104,6 +118,16 @@ test("each decoder copy is a top-level If whose branch reads only its own kinds'
     assert.deepEqual(kindsRead(`decoder_base_${phase}_then`), []);
     assert.deepEqual(kindsRead(`decoder_lora_attention_${phase}_then`), ["lora"]);
     assert.deepEqual(kindsRead(`decoder_lora_${phase}_then`), ["lora"]);
+    assert.deepEqual(kindsRead(`decoder_ia3_qkv_down_${phase}_then`), ["ia3"]);
+    const ia3SitesRead = (name: string) =>
+      [...branches.get(name)!].filter((i) => i.startsWith("ia3.")).sort();
+    assert.deepEqual(ia3SitesRead(`decoder_ia3_qkv_down_${phase}_then`), ["ia3.down_proj", "ia3.qkv"]);
+    assert.deepEqual(ia3SitesRead(`decoder_ia3_${phase}_then`), [
+      "ia3.down_proj",
+      "ia3.gate_up",
+      "ia3.o_proj",
+      "ia3.qkv",
+    ]);
     assert.deepEqual(kindsRead(`decoder_ia3_${phase}_then`), ["ia3"]);
     assert.deepEqual(kindsRead(`decoder_all_${phase}_then`), ["bottleneck", "ia3", "lora"]);
     const loraSitesRead = (name: string) =>
@@ -131,8 +155,8 @@ test("PEFT inputs are declared per fused product, not per projection (each input
   );
   assert.equal(
     full.length,
-    base + 8 * spec.numLayers + 2 + 4 + 8,
-    "plus 4 IA3 pools and 8 bottleneck inputs",
+    base + 8 * spec.numLayers + 2 + 4 + 1 + 8,
+    "plus 4 IA3 pools, ia3_wide and 8 bottleneck inputs",
   );
   const qv = inputsOf({ ...NONE, loraTargets: ["q_proj", "v_proj"] });
   assert.equal(qv.length, base + 2 * spec.numLayers + 1, "q and v share the qkv site's inputs");
