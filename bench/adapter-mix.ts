@@ -107,42 +107,61 @@ export async function runAdapterMix(options: AdapterMixOptions) {
       maxTokens: 1,
       headers: (c) => ({ "X-Task": [...names][c]! }),
     });
-    // Rounds alternate the scenario order (forward, then backward) so drift on a noisy machine hits every
-    // scenario alike; each scenario reports its median over the rounds.
+    // Each scenario runs between two base-only runs (base, S1, base, S2, base, ...), and its ratio is taken
+    // against the mean of those two neighbours: on this shared machine throughput drifts over minutes, so a base
+    // figure from the far end of the round moved ratios by up to 0.14 from one round to the next. Rounds alternate
+    // the scenario order (forward, then backward); each scenario reports its median over the rounds.
+    const [baseScenario, ...others] = SCENARIOS as [Scenario, ...Scenario[]];
     const samples = new Map<string, ScenarioSample[]>();
+    const pairedRatios = new Map<string, { decode: number; throughput: number }[]>();
+    const measure = async (scenario: Scenario, round: number): Promise<ScenarioSample> => {
+      options.log(
+        `adapter mix round ${round + 1}/${options.rounds}: ${scenario.name} at concurrency ${options.concurrency}`,
+      );
+      const r = await runLoad({
+        baseUrl: server.baseUrl,
+        concurrency: options.concurrency,
+        requestsPerClient: 1,
+        prompt: options.prompt,
+        maxTokens: options.maxTokens,
+        headers: (c): Record<string, string> => {
+          const task = scenario.task(c);
+          return task ? { "X-Task": task } : {};
+        },
+      });
+      const sample: ScenarioSample = {
+        errors: r.errors,
+        throughputTokS: r.completionTokens / r.wallS,
+        // While all streams decode (bench/load.ts): the soft-prompt scenario's 8 extra prefill tokens a
+        // request, and how they pack into prefill steps, stay out of this figure; they are in tok/s.
+        decodeTokS: steadyDecodeTokS(r),
+        itlMsP50: percentile(r.itlMs, 50),
+        ttftMsP50: percentile(r.ttftMs, 50),
+      };
+      samples.set(scenario.name, [...(samples.get(scenario.name) ?? []), sample]);
+      return sample;
+    };
     for (let round = 0; round < options.rounds; round++) {
-      const order = round % 2 === 0 ? SCENARIOS : [...SCENARIOS].reverse();
+      const order = round % 2 === 0 ? others : [...others].reverse();
+      let before = await measure(baseScenario, round);
       for (const scenario of order) {
-        options.log(
-          `adapter mix round ${round + 1}/${options.rounds}: ${scenario.name} at concurrency ${options.concurrency}`,
-        );
-        const r = await runLoad({
-          baseUrl: server.baseUrl,
-          concurrency: options.concurrency,
-          requestsPerClient: 1,
-          prompt: options.prompt,
-          maxTokens: options.maxTokens,
-          headers: (c): Record<string, string> => {
-            const task = scenario.task(c);
-            return task ? { "X-Task": task } : {};
-          },
-        });
-        const list = samples.get(scenario.name) ?? [];
-        list.push({
-          errors: r.errors,
-          throughputTokS: r.completionTokens / r.wallS,
-          // While all streams decode (bench/load.ts): the soft-prompt scenario's 8 extra prefill tokens a
-          // request, and how they pack into prefill steps, stay out of this figure; they are in tok/s.
-          decodeTokS: steadyDecodeTokS(r),
-          itlMsP50: percentile(r.itlMs, 50),
-          ttftMsP50: percentile(r.ttftMs, 50),
-        });
-        samples.set(scenario.name, list);
+        const sample = await measure(scenario, round);
+        const after = await measure(baseScenario, round);
+        const paired = (pick: (s: ScenarioSample) => number) =>
+          (2 * pick(sample)) / (pick(before) + pick(after));
+        pairedRatios.set(scenario.name, [
+          ...(pairedRatios.get(scenario.name) ?? []),
+          { decode: paired((s) => s.decodeTokS), throughput: paired((s) => s.throughputTokS) },
+        ]);
+        before = after;
       }
     }
     for (const scenario of SCENARIOS) {
       const list = samples.get(scenario.name)!;
       const median = (pick: (s: ScenarioSample) => number) => percentile(list.map(pick), 50);
+      const ratios = (pairedRatios.get(scenario.name) ?? []).filter(
+        (r) => Number.isFinite(r.decode) && Number.isFinite(r.throughput),
+      );
       rows.push({
         scenario: scenario.name,
         errors: list.reduce((a, s) => a + s.errors, 0),
@@ -150,28 +169,30 @@ export async function runAdapterMix(options: AdapterMixOptions) {
         decodeTokS: median((s) => s.decodeTokS),
         itlMsP50: median((s) => s.itlMsP50),
         ttftMsP50: median((s) => s.ttftMsP50),
-        // Kept per round so a reader can see how far one round's figure moves from the next.
-        decodeTokSPerRound: list.map((s) => s.decodeTokS),
+        // Kept per run so a reader can see how far one run's figure moves from the next.
+        decodeTokSPerRun: list.map((s) => s.decodeTokS),
+        // Against the base-only runs on either side; the base row is 1 by definition.
+        throughputVsBase:
+          scenario === baseScenario
+            ? 1
+            : percentile(
+                ratios.map((r) => r.throughput),
+                50,
+              ),
+        decodeVsBase:
+          scenario === baseScenario
+            ? 1
+            : percentile(
+                ratios.map((r) => r.decode),
+                50,
+              ),
+        decodeVsBasePerRound: ratios.map((r) => r.decode),
       });
     }
   } finally {
     await server.stop();
   }
-  const base = rows[0]!;
-  return rows.map((row) => {
-    // Each round's ratio against the base-only figure of the same round: their spread is the noise a ratio
-    // carries on this machine.
-    const perRound = row.decodeTokSPerRound
-      .map((v, i) => v / base.decodeTokSPerRound[i]!)
-      .filter((x) => Number.isFinite(x));
-    return {
-      ...row,
-      throughputVsBase: row.throughputTokS / base.throughputTokS,
-      decodeVsBase: row.decodeTokS / base.decodeTokS,
-      decodeVsBaseRange:
-        perRound.length > 0 ? ([Math.min(...perRound), Math.max(...perRound)] as const) : null,
-    };
-  });
+  return rows;
 }
 
 export function printAdapterMix(rows: Awaited<ReturnType<typeof runAdapterMix>>, concurrency: number): void {
@@ -183,7 +204,10 @@ export function printAdapterMix(rows: Awaited<ReturnType<typeof runAdapterMix>>,
       "x base": r.throughputVsBase.toFixed(3),
       "decode tok/s": r.decodeTokS.toFixed(1),
       "decode x base": r.decodeVsBase.toFixed(3),
-      "per round": r.decodeVsBaseRange ? r.decodeVsBaseRange.map((x) => x.toFixed(2)).join("-") : "-",
+      "per round":
+        r.decodeVsBasePerRound.length > 0
+          ? `${Math.min(...r.decodeVsBasePerRound).toFixed(2)}-${Math.max(...r.decodeVsBasePerRound).toFixed(2)}`
+          : "-",
       "itl p50 ms": r.itlMsP50.toFixed(1),
       errors: r.errors,
     })),
