@@ -59,8 +59,10 @@ export class PeftPools {
   readonly defaults: Readonly<Record<string, FeedValue>>;
   /** LoRA slot -> the projections its adapter has weights for, and its rank on each. */
   private readonly loraTargetsOf = new Map<number, Map<Projection, number>>();
-  /** IA3 slot -> the sites its adapter scales (a site none of a step's rows scales is fed its identity). */
+  /** IA3 slot -> the sites its adapter scales, for ia3_wide. */
   private readonly ia3SitesOf = new Map<number, Set<Site>>();
+  /** Whether the graph has the ia3_wide input (contract.ts hasIa3WideFlag). */
+  private readonly hasIa3Wide: boolean;
   /** LoRA slot -> how many times it was written or cleared, so row copies of an older adapter are refreshed. */
   private readonly loraVersions = new Map<number, number>();
   private readonly loraRows: LoraRows;
@@ -81,7 +83,8 @@ export class PeftPools {
     for (const { site, width } of this.ia3Sites) {
       identity[INPUT.ia3(site)] = f32(new Float32Array(L * width).fill(1), [L, width]);
     }
-    if (hasIa3WideFlag(layout)) identity[INPUT.ia3Wide] = { type: "bool", data: Uint8Array.of(0), dims: [] };
+    this.hasIa3Wide = hasIa3WideFlag(layout);
+    if (this.hasIa3Wide) identity[INPUT.ia3Wide] = { type: "bool", data: Uint8Array.of(0), dims: [] };
     if (layout.bottleneck) {
       for (const p of BOTTLENECK_PLACES) {
         identity[INPUT.bottleneckDown(p)] = f32(new Float32Array(0), [L, D, 0]);
@@ -258,7 +261,7 @@ export class PeftPools {
     if (used.ia3 && this.ia3.size) {
       for (const { site, width } of this.ia3Sites)
         feeds[INPUT.ia3(site)] = f32(this.ia3.get(site)!, [this.rows(this.capacity.ia3Slots), width]);
-      if (hasIa3WideFlag(this.layout)) {
+      if (this.hasIa3Wide) {
         let wide = false;
         for (let i = 0; i < ia3Slots.length && !wide; i++)
           for (const site of this.ia3SitesOf.get(Number(ia3Slots[i])) ?? [])

@@ -10,7 +10,7 @@ import {
   moduleKey,
   projectionDims,
   SITES,
-  type Site,
+  siteOfProjection,
 } from "../../src/model/contract.ts";
 import { LORA_ROWS_IDLE_STEPS } from "../../src/model/lora-rows.ts";
 import { PeftPools } from "../../src/model/peft-pools.ts";
@@ -44,8 +44,7 @@ const fed = (pools: PeftPools, slots: BigInt64Array): Feeds => ({
 });
 type Target = (typeof FULL_PEFT_LAYOUT.loraTargets)[number];
 
-const siteOf = (m: Target): Site =>
-  (Object.keys(SITES) as Site[]).find((site) => (SITES[site] as readonly Target[]).includes(m))!;
+const siteOf = siteOfProjection;
 const columnOf = (m: Target) =>
   loraSites(spec, FULL_PEFT_LAYOUT.loraTargets)
     .find((s) => s.site === siteOf(m))!
