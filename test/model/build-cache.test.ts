@@ -3,35 +3,46 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
-import { BUILDER_VERSION, buildOrReuseGraph, pruneStaleGraphs } from "../../src/model/builder/build-cache.ts";
+import {
+  BUILDER_FINGERPRINT,
+  BUILDER_VERSION,
+  buildOrReuseGraph,
+  graphCacheKey,
+  pruneStaleGraphs,
+} from "../../src/model/builder/build-cache.ts";
 import type { Checkpoint } from "../../src/model/checkpoint.ts";
 import { FULL_PEFT_LAYOUT } from "../../src/model/contract.ts";
 import { makeRandomModel } from "../helpers/random-model.ts";
 
 /** A cache entry as some builder version left it (null: from before build.json existed). */
-function entry(root: string, name: string, version: number | null): string {
+function entry(root: string, name: string, version: number | null, builderFingerprint?: string): string {
   const dir = join(root, name);
   mkdirSync(dir, { recursive: true });
   writeFileSync(join(dir, "model.onnx"), "x");
-  if (version !== null) writeFileSync(join(dir, "build.json"), JSON.stringify({ builderVersion: version }));
+  if (version !== null)
+    writeFileSync(join(dir, "build.json"), JSON.stringify({ builderVersion: version, builderFingerprint }));
   return dir;
 }
 
-test("pruning removes older builders' graphs and keeps the current, newer, in-progress and foreign entries", () => {
+test("pruning removes older builders' graphs (and edited builders') and keeps the current, newer, in-progress and foreign entries", () => {
   const root = mkdtempSync(join(tmpdir(), "taskmux-cache-"));
   try {
     const legacy = entry(root, "a".repeat(24), null);
     const older = entry(root, "b".repeat(24), BUILDER_VERSION - 1);
     const same = entry(root, "c".repeat(24), BUILDER_VERSION);
+    const sameSource = entry(root, "9".repeat(24), BUILDER_VERSION, BUILDER_FINGERPRINT);
+    const edited = entry(root, "8".repeat(24), BUILDER_VERSION, "0123456789abcdef");
     const newer = entry(root, "d".repeat(24), BUILDER_VERSION + 1);
     const current = entry(root, "e".repeat(24), null);
     const building = entry(root, `${"f".repeat(24)}.tmp-1-2`, null);
     const foreign = entry(root, "notes", null);
     const removed = pruneStaleGraphs(root, "e".repeat(24));
-    assert.deepEqual(removed.sort(), ["a".repeat(24), "b".repeat(24)]);
+    assert.deepEqual(removed.sort(), ["8".repeat(24), "a".repeat(24), "b".repeat(24)]);
     assert.equal(existsSync(legacy), false, "no build.json: an older builder's");
     assert.equal(existsSync(older), false, "lower version");
-    for (const kept of [same, newer, current, building, foreign]) assert.ok(existsSync(kept), `${kept} kept`);
+    assert.equal(existsSync(edited), false, "this version built from other builder source");
+    for (const kept of [same, sameSource, newer, current, building, foreign])
+      assert.ok(existsSync(kept), `${kept} kept`);
     assert.deepEqual(pruneStaleGraphs(join(root, "missing"), ""), [], "a missing cache dir prunes nothing");
   } finally {
     rmSync(root, { recursive: true, force: true });
@@ -67,4 +78,16 @@ test("a fresh build records its builder version and clears an older builder's gr
   } finally {
     rmSync(root, { recursive: true, force: true });
   }
+});
+
+test("the cache key covers the builder's own source, so an edited builder never reuses the old graph", () => {
+  assert.match(BUILDER_FINGERPRINT, /^[0-9a-f]{16}$/, "the builder's sources are read beside it");
+  const checkpoint = { contentHash: "same-weights" };
+  const options = { peft: FULL_PEFT_LAYOUT, rope: "contrib" as const };
+  assert.equal(graphCacheKey(checkpoint, options), graphCacheKey(checkpoint, options, BUILDER_FINGERPRINT));
+  assert.notEqual(
+    graphCacheKey(checkpoint, options, BUILDER_FINGERPRINT),
+    graphCacheKey(checkpoint, options, "0123456789abcdef"),
+    "another builder source, another graph",
+  );
 });
